@@ -1,0 +1,84 @@
+"""The contract between the training loop and every alignment objective.
+
+An objective sees only per-sample denoising errors (SPEC section 1) and per-pair metadata; it never
+touches a model. That keeps each loss a pure function that tests can check by hand, and lets a new
+objective plug in by ``_target_`` without a change to the training loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PairErrors:
+    """Per-sample errors ``e(x) = mean_{C,H,W} (unet(z_t, t, c) - y)^2``, each of shape ``[B]``.
+
+    ``policy_l``, ``ref_w`` and ``ref_l`` are ``None`` when the objective did not ask for them.
+    """
+
+    policy_w: Tensor
+    policy_l: Tensor | None = None
+    ref_w: Tensor | None = None
+    ref_l: Tensor | None = None
+
+    def margin(self, beta: float) -> Tensor:
+        """Implicit reward margin ``h = -(beta / 2) * (d_w - d_l)``."""
+        return -(beta / 2) * self.delta()
+
+    def delta(self) -> Tensor:
+        """``d_w - d_l`` with ``d = e_theta - e_ref``."""
+        if self.policy_l is None or self.ref_w is None or self.ref_l is None:
+            raise ValueError("this objective needs losers and reference errors, but the batch has none")
+        return (self.policy_w - self.ref_w) - (self.policy_l - self.ref_l)
+
+
+@dataclass
+class ObjectiveOutput:
+    """A scalar loss to minimize and detached scalars to log (names without a stage prefix)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Base class: subclasses implement :meth:`loss` and say which errors they need.
+
+    ``uses_losers`` and ``uses_reference`` let the training loop skip UNet passes an objective does
+    not read (``sft`` needs neither).
+    """
+
+    uses_losers: bool = True
+    uses_reference: bool = True
+
+    def loss(self, errors: PairErrors, meta: Mapping[str, Any]) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def __call__(self, errors: PairErrors, meta: Mapping[str, Any] | None = None) -> ObjectiveOutput:
+        out = self.loss(errors, meta or {})
+        out.metrics = {"loss": out.loss.detach(), **_standard_metrics(errors), **out.metrics}
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def _standard_metrics(errors: PairErrors) -> dict[str, Tensor]:
+    """The per-step diagnostics of SPEC section 1 that do not depend on the objective."""
+    out = {"mse_w": errors.policy_w.detach().mean()}
+    if errors.policy_l is not None:
+        out["mse_l"] = errors.policy_l.detach().mean()
+    refs = [e for e in (errors.ref_w, errors.ref_l) if e is not None]
+    if refs:
+        out["ref_mse"] = torch.cat([e.detach() for e in refs]).mean()
+    return out
+
+
+def preference_metrics(h: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of an implicit reward margin ``h``."""
+    h = h.detach()
+    return {"implicit_acc": (h > 0).float().mean(), "margin": h.mean()}

@@ -1,0 +1,175 @@
+"""The preference LightningDataModule: read pairs, cache their latents once, serve cached batches."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.categories import normalize_category
+from data.errors import InputError
+from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
+from data.pairs import PreferencePair
+from data.readers.base import PairReader
+from models.encoders import ConditionEncoder
+
+log = logging.getLogger(__name__)
+CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CachedPairDataset(Dataset):
+    """Items are dicts of cached tensors plus per-pair metadata; flip and prompt dropout happen here."""
+
+    def __init__(self, cache: CacheReader, pairs: Sequence[PreferencePair], indices: Sequence[int],
+                 random_flip: bool = False, p_uncond: float = 0.0) -> None:
+        self.cache, self.pairs, self.indices = cache, pairs, list(indices)
+        self.random_flip, self.p_uncond = random_flip, p_uncond
+        self.has_losers = "latents_l" in cache.keys
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        suffix = "_flip" if self.random_flip and torch.rand(()) < 0.5 else ""
+        item: dict[str, Any] = {"latents_w": self.cache.row("latents_w" + suffix, index).float()}
+        if self.has_losers:
+            item["latents_l"] = self.cache.row("latents_l" + suffix, index).float()
+        if self.p_uncond > 0 and torch.rand(()) < self.p_uncond:
+            item["prompt_embeds"] = self.cache.uncond.float()
+        else:
+            item["prompt_embeds"] = self.cache.row("prompt_embeds", int(self.cache.prompt_index[index])).float()
+        pair = self.pairs[index]
+        item["meta"] = {"index": index, "categories": pair.categories, "extras": pair.extras}
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep categories as a list; turn each extra into a float tensor (NaN where absent)."""
+    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "meta"}
+    extras = sorted({k for it in items for k in it["meta"]["extras"]})
+    batch["meta"] = {
+        "index": torch.tensor([it["meta"]["index"] for it in items]),
+        "categories": [it["meta"]["categories"] for it in items],
+        **{k: torch.tensor([it["meta"]["extras"].get(k, float("nan")) for it in items]) for k in extras},
+    }
+    return batch
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Pairs from any :class:`PairReader`, filtered by category, split train/val, served from the cache."""
+
+    def __init__(
+        self,
+        reader: PairReader | Callable[[str], PairReader],
+        path: str | None = None,
+        encoder: ConditionEncoder | None = None,
+        resolution: int | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        categories: Sequence[str] | None = None,
+        val_fraction: float = 0.0,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        p_uncond: float = 0.0,
+        cache_dir: str | Path = ".cache/latents",
+        cache_dtype: str = "float16",
+        encode_batch_size: int = 8,
+        encode_device: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if cache_dtype not in CACHE_DTYPES:
+            raise InputError(f"data.cache_dtype: expected one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise InputError(f"data.val_fraction: expected a number in [0, 1), got {val_fraction}")
+        # Configs give the reader as a factory (``_partial_: true``) and the source as ``data.path``.
+        self.reader = reader if isinstance(reader, PairReader) else reader(path)
+        self.encoder, self.resolution = encoder, resolution
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.categories = None if categories is None else [str(c) for c in categories]
+        self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
+        self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
+        self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
+        self._pairs: list[PreferencePair] | None = None
+        self.train_set: CachedPairDataset | None = None
+        self.val_set: CachedPairDataset | None = None
+
+    # ------------------------------------------------------------------ pairs
+    @property
+    def pairs(self) -> list[PreferencePair]:
+        if self._pairs is None:
+            self._pairs = self.reader.read()
+            if not self._pairs:
+                raise InputError(f"{self.reader}: the data holds no usable pairs")
+        return self._pairs
+
+    def selected_indices(self) -> list[int]:
+        """Indices of pairs in ``categories`` (all pairs when no filter is set)."""
+        if self.categories is None:
+            return list(range(len(self.pairs)))
+        wanted = {normalize_category(c) for c in self.categories}
+        present = {c for p in self.pairs for c in p.categories}
+        unknown = sorted(wanted - present)
+        if unknown:
+            raise InputError(f"data.categories: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                             f"the data has {sorted(present) or 'no categories'}")
+        return [i for i, p in enumerate(self.pairs) if wanted & set(p.categories)]
+
+    # ------------------------------------------------------------------ cache
+    def cache_path(self) -> Path:
+        if self.encoder is None or self.resolution is None:
+            raise RuntimeError("PreferenceDataModule needs an encoder and a resolution before caching")
+        key = cache_key(self.encoder.fingerprint(), self.pairs, self.resolution, self.center_crop,
+                        self.random_flip, self.cache_dtype)
+        return self.cache_dir / key / CACHE_FILE
+
+    def prepare_data(self) -> None:
+        """Build the cache if it is missing (Lightning runs this on one process per node)."""
+        path = self.cache_path()
+        if path.is_file():
+            log.info("latent cache hit: %s", path.parent)
+            return
+        device = self.encode_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        original = self.encoder.device
+        self.encoder.to(device)
+        try:
+            build_cache(path.parent, self.pairs, self.encoder, self.resolution, self.center_crop,
+                        self.random_flip, CACHE_DTYPES[self.cache_dtype], self.encode_batch_size)
+        finally:
+            self.encoder.to(original)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        path = self.cache_path()
+        if not path.is_file():
+            self.prepare_data()
+        cache = CacheReader(path)
+        indices = self.selected_indices()
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = int(round(self.val_fraction * len(indices)))
+        val = sorted(indices[i] for i in order[:n_val])
+        train = sorted(indices[i] for i in order[n_val:])
+        if not train:
+            raise InputError(f"{self.reader}: no training pairs left after the category filter and validation split")
+        self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond)
+        self.val_set = CachedPairDataset(cache, self.pairs, val) if val else None
+        log.info("data: %d train pairs, %d val pairs (%s)", len(train), len(val), self.reader.stats)
+
+    # ------------------------------------------------------------ dataloaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          collate_fn=collate, drop_last=len(self.train_set) >= self.batch_size,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=collate)

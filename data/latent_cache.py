@@ -1,0 +1,98 @@
+"""VAE latents and text embeddings computed once and stored in safetensors, so a step runs only the UNet.
+
+A cache lives in ``<cache_dir>/<key>/`` where the key digests everything its contents depend on:
+the encoders' weights, the dataset's images and prompts, the resolution and the preprocessing. Any
+change gives a new key (a miss) rather than silently stale latents. Files are written to a
+temporary name and renamed, so an interrupted build never leaves a half-written cache behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from data.pairs import PreferencePair, describe, load_rgb, preprocess
+from models.encoders import ConditionEncoder
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+CACHE_FILE = "latents.safetensors"
+
+
+def dataset_fingerprint(pairs: Sequence[PreferencePair]) -> str:
+    digest = hashlib.sha256()
+    for p in pairs:
+        parts = [p.prompt, describe(p.image_w), describe(p.image_l) if p.image_l is not None else "-"]
+        digest.update("\x1f".join(parts).encode() + b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def cache_key(encoder_fingerprint: str, pairs: Sequence[PreferencePair], resolution: int,
+              center_crop: bool, flip: bool, dtype: str) -> str:
+    spec = dict(version=CACHE_VERSION, encoders=encoder_fingerprint, data=dataset_fingerprint(pairs),
+                resolution=resolution, center_crop=center_crop, flip=flip, dtype=dtype)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: ConditionEncoder, resolution: int,
+                center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8) -> Path:
+    """Encode every pair (and its mirror image when ``flip``) and every distinct prompt; write atomically."""
+    has_losers = all(p.image_l is not None for p in pairs)
+    sides = ["w", "l"] if has_losers else ["w"]
+    chunks: dict[str, list[torch.Tensor]] = {f"latents_{s}{m}": [] for s in sides for m in ([""] + (["_flip"] if flip else []))}
+    for start in tqdm(range(0, len(pairs), batch_size), desc="Caching latents", unit="batch"):
+        batch = pairs[start:start + batch_size]
+        for side in sides:
+            pixels = torch.stack([
+                preprocess(load_rgb(getattr(p, f"image_{side}"), p.source), resolution, center_crop) for p in batch
+            ])
+            chunks[f"latents_{side}"].append(encoder.encode_images(pixels).to(dtype).cpu())
+            if flip:
+                chunks[f"latents_{side}_flip"].append(encoder.encode_images(pixels.flip(-1)).to(dtype).cpu())
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    lookup = {prompt: i for i, prompt in enumerate(prompts)}
+    embeds = [encoder.encode_prompts(prompts[i:i + batch_size]).to(dtype).cpu()
+              for i in tqdm(range(0, len(prompts), batch_size), desc="Caching text embeddings", unit="batch")]
+    tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
+    tensors["prompt_embeds"] = torch.cat(embeds).contiguous()
+    tensors["prompt_index"] = torch.tensor([lookup[p.prompt] for p in pairs], dtype=torch.int64)
+    tensors["uncond_embeds"] = encoder.encode_prompts([""]).to(dtype).cpu().contiguous()
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{CACHE_FILE}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={"pairs": str(len(pairs)), "version": str(CACHE_VERSION)})
+    os.replace(tmp, directory / CACHE_FILE)
+    log.info("latent cache written: %s (%d pairs, %d prompts)", directory, len(pairs), len(prompts))
+    return directory / CACHE_FILE
+
+
+class CacheReader:
+    """Lazy, per-process reader of one cache file (safetensors handles cannot cross a fork)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._handle = None
+        self._pid = None
+        with safe_open(str(file), framework="pt") as f:
+            self.keys = set(f.keys())
+            self.prompt_index = f.get_tensor("prompt_index")
+            self.uncond = f.get_tensor("uncond_embeds")[0]
+
+    def _open(self):
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = safe_open(str(self.file), framework="pt"), os.getpid()
+        return self._handle
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        return self._open().get_slice(name)[index : index + 1][0]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handle": None, "_pid": None}

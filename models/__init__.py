@@ -1,0 +1,1 @@
+"""Model builders and the LightningModules that train them."""

@@ -1,0 +1,181 @@
+"""The LightningModule shared by every objective: noising, policy/reference errors, optimization.
+
+Per SPEC section 1, each pair gets one timestep and one noise draw shared by winner and loser. The
+reference is the same UNet with its LoRA adapters disabled, so only one UNet is in memory; full
+fine-tuning keeps a frozen copy instead.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig
+from torch import Tensor
+
+from alignment.base import Objective, ObjectiveOutput, PairErrors
+from data.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AlignmentModule(L.LightningModule):
+    """Wraps a diffusers UNet (with a peft LoRA adapter, or fully trainable) and an :class:`Objective`."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        noise_scheduler: DDPMScheduler,
+        objective: Objective,
+        lora: Mapping[str, Any] | None = None,
+        adapter_name: str = "default",
+        optimizer: Mapping[str, Any] | None = None,
+        lr_scheduler: Mapping[str, Any] | None = None,
+        t_min: int = 0,
+        t_max: int | None = None,
+        gradient_checkpointing: bool = False,
+        frozen_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        self.objective = objective
+        self.noise_scheduler = noise_scheduler
+        self.adapter_name = adapter_name
+        self.optimizer_cfg = dict(optimizer or {"lr": 1e-5})
+        self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
+        num_train = noise_scheduler.config.num_train_timesteps
+        self.t_min, self.t_max = int(t_min), int(num_train - 1 if t_max is None else t_max)
+        if not 0 <= self.t_min <= self.t_max < num_train:
+            raise InputError(f"model.t_min/t_max: expected 0 <= t_min <= t_max < {num_train}, got {self.t_min}, {self.t_max}")
+        self.prediction_type = noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
+        # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
+        self.strict_loading = False
+
+        self.unet = unet
+        self.ref_unet: UNet2DConditionModel | None = None
+        self.uses_lora = lora is not None
+        if self.uses_lora:
+            unet.requires_grad_(False)
+            if frozen_dtype not in DTYPES:
+                raise InputError(f"model.frozen_dtype: expected one of {sorted(DTYPES)}, got {frozen_dtype!r}")
+            unet.to(DTYPES[frozen_dtype])
+            unet.add_adapter(LoraConfig(
+                r=int(lora["rank"]),
+                lora_alpha=float(lora.get("alpha", lora["rank"])),
+                target_modules=list(lora.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])),
+                lora_dropout=float(lora.get("dropout", 0.0)),
+                init_lora_weights="gaussian",
+            ), adapter_name=adapter_name)
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # adapters train in float32 whatever the base dtype
+        else:
+            unet.requires_grad_(True)
+            if objective.uses_reference:
+                self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+    # ----------------------------------------------------------------- errors
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    @contextmanager
+    def reference(self) -> Iterator[UNet2DConditionModel]:
+        """The reference model: the frozen copy, or the same UNet with its adapters switched off."""
+        if self.ref_unet is not None:
+            yield self.ref_unet
+            return
+        self.unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_adapters()
+
+    def _per_sample_error(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor, target: Tensor) -> Tensor:
+        pred = unet(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+    def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> PairErrors:
+        """Policy (and, if the objective asks, reference) errors for the batch's winners and losers."""
+        z_w: Tensor = batch["latents_w"]
+        cond: Tensor = batch["prompt_embeds"]
+        uses_losers = self.objective.uses_losers
+        if uses_losers and batch.get("latents_l") is None:
+            raise InputError(f"objective {type(self.objective).__name__} needs preference pairs, but the data has only single images")
+        latents = torch.cat([z_w, batch["latents_l"]]) if uses_losers else z_w
+        n_pairs, copies = z_w.shape[0], (2 if uses_losers else 1)
+
+        t = torch.randint(self.t_min, self.t_max + 1, (n_pairs,), generator=generator,
+                          device="cpu" if generator is not None else z_w.device).to(z_w.device)
+        if generator is not None:
+            eps = torch.randn(z_w.shape, generator=generator, dtype=z_w.dtype).to(z_w.device)
+        else:
+            eps = torch.randn_like(z_w)
+        t, eps, cond = t.repeat(copies), eps.repeat(copies, 1, 1, 1), cond.repeat(copies, 1, 1)
+        z_t = self.noise_scheduler.add_noise(latents, eps, t)
+        target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)
+
+        policy = self._per_sample_error(self.unet, z_t, t, cond, target)
+        ref = None
+        if self.objective.uses_reference:
+            with torch.no_grad(), self.reference() as ref_unet:
+                ref = self._per_sample_error(ref_unet, z_t, t, cond, target)
+        split = lambda e: (e, None) if e is None or not uses_losers else (e[:n_pairs], e[n_pairs:])  # noqa: E731
+        (p_w, p_l), (r_w, r_l) = split(policy), (split(ref) if ref is not None else (None, None))
+        return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l)
+
+    def compute(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> ObjectiveOutput:
+        return self.objective(self.pair_errors(batch, generator), batch.get("meta", {}))
+
+    # ------------------------------------------------------------- lightning
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        out = self.compute(batch)
+        n = batch["latents_w"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, prog_bar=False, batch_size=n)
+        self.log("loss", out.metrics["loss"], prog_bar=True, logger=False, batch_size=n)
+        return out.loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        # A fixed generator per batch makes validation losses comparable across epochs.
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        out = self.compute(batch, generator)
+        self.log_dict({f"val/{k}": v for k, v in out.metrics.items()}, sync_dist=True,
+                      batch_size=batch["latents_w"].shape[0])
+
+    def configure_optimizers(self):
+        params = [p for _, p in self.trainable_parameters()]
+        cfg = dict(self.optimizer_cfg)
+        fused = bool(cfg.pop("fused", False)) and torch.cuda.is_available()
+        optimizer = torch.optim.AdamW(params, fused=fused or None, **cfg)
+        sched_cfg = dict(self.lr_scheduler_cfg)
+        scheduler = get_scheduler(
+            sched_cfg.get("name", "constant"), optimizer,
+            num_warmup_steps=int(sched_cfg.get("warmup_steps", 0)),
+            num_training_steps=int(self.trainer.estimated_stepping_batches) if self._trainer else None,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, _ in self.trainable_parameters()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted({n for n, _ in self.trainable_parameters()} - set(checkpoint["state_dict"]))
+        if missing:
+            raise InputError(
+                f"checkpoint lacks {len(missing)} trainable tensor(s) of this model, e.g. {missing[0]!r}: "
+                "was it saved with another LoRA config or model?"
+            )
+
+    def train(self, mode: bool = True) -> "AlignmentModule":
+        super().train(mode)
+        if self.ref_unet is not None:
+            self.ref_unet.eval()
+        return self

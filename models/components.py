@@ -1,0 +1,101 @@
+"""Load the parts of a Stable Diffusion checkpoint that training needs, by hub id or local directory.
+
+Components load one by one (as the diffusers training examples do) so that no safety checker or
+feature extractor is downloaded, and so SDXL's second text encoder can be added without changing
+callers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from data.errors import InputError
+
+
+@dataclass
+class SDComponents:
+    """A Stable Diffusion checkpoint, split into what the trainer and the encoders use."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    source: str
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: UNet sample size times the VAE's downsampling factor."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def encoder_fingerprint(self) -> str:
+        """A digest of the VAE and text encoder (configs and weights): keys caches of their outputs."""
+        digest = hashlib.sha256()
+        for name, model in (("vae", self.vae), ("text_encoder", self.text_encoder)):
+            digest.update(name.encode())
+            digest.update(json.dumps(_jsonable(model.config), sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    digest.update(pname.encode())
+                    digest.update(f"{p.double().sum().item():.10e}{p.double().abs().sum().item():.10e}".encode())
+        return digest.hexdigest()[:16]
+
+    def pipeline(self, unet: UNet2DConditionModel | None = None, scheduler=None) -> StableDiffusionPipeline:
+        """A generation pipeline over these components (no safety checker: our metrics judge safety)."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet or self.unet,
+            scheduler=scheduler or self.noise_scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def _jsonable(config) -> dict:
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if not k.startswith("_")}
+
+
+def load_components(
+    pretrained: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+    local_files_only: bool = False,
+) -> SDComponents:
+    """Load UNet, VAE, text encoder, tokenizer and the DDPM training scheduler.
+
+    ``pretrained`` is a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local directory
+    in diffusers layout; ``vae`` optionally replaces the checkpoint's VAE (e.g. a fine-tuned one).
+    """
+    local = Path(pretrained).expanduser()
+    if local.exists():
+        if not (local / "unet" / "config.json").is_file():
+            raise InputError(f"model.pretrained={pretrained}: expected a diffusers pipeline directory with unet/config.json")
+        pretrained = str(local)
+    common = dict(revision=revision, local_files_only=local_files_only)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **common)
+        vae_model = (
+            AutoencoderKL.from_pretrained(vae, **common)
+            if vae
+            else AutoencoderKL.from_pretrained(pretrained, subfolder="vae", variant=variant, **common)
+        )
+        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **common)
+        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common)
+        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"model.pretrained={pretrained}: could not load the pipeline ({first})") from err
+    for part in (vae_model, text_encoder):
+        part.requires_grad_(False).eval()
+    return SDComponents(unet, vae_model, text_encoder, tokenizer, scheduler, source=pretrained)

@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny random Stable Diffusion pipeline saved in diffusers layout, and toy images."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    from models.builders import build_components, save_components
+
+    directory = tmp_path_factory.mktemp("tiny_sd")
+    words = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
+    save_components(build_components(directory / "_build", words=words), directory / "pipeline")
+    return directory / "pipeline"
+
+
+def solid_image(path: Path, color: tuple[int, int, int], size: int = 24) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+    return path
+
+
+@pytest.fixture()
+def jsonl_pairs(tmp_path) -> Path:
+    """Eight pairs in the project's JSONL format: red preferred over blue, two categories."""
+    import json
+
+    lines = []
+    for i in range(8):
+        solid_image(tmp_path / "img" / f"w{i}.png", (200, 20 + i, 20))
+        solid_image(tmp_path / "img" / f"l{i}.png", (20, 20 + i, 200))
+        lines.append(json.dumps({"prompt": f"a red circle {i}", "chosen": f"img/w{i}.png", "rejected": f"img/l{i}.png",
+                                 "safe_prompt": "a green circle", "categories": ["violence" if i % 2 else "hate"]}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "pairs.jsonl"

@@ -1,0 +1,124 @@
+"""Align a Stable Diffusion model with a preference objective.
+
+    python train.py objective=dpo data=pickapic data.path=... model.pretrained=...
+
+Everything is chosen by Hydra config groups under configs/ (objective, model, data, trainer, logger,
+callbacks, experiment). The training loop never names an objective: ``objective=<name>`` loads
+``configs/objective/<name>.yaml``, whose ``_target_`` class receives per-sample errors.
+"""
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger("train")
+
+
+def wandb_logged_in() -> bool:
+    """True when wandb has credentials (env or ~/.netrc); checked without touching the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(cfg: DictConfig | None) -> list[Any] | bool:
+    from hydra.utils import instantiate
+
+    loggers = []
+    for name, spec in (cfg or {}).items():
+        spec = OmegaConf.to_container(spec, resolve=True)
+        if spec.get("offline") == "auto":
+            mode = os.environ.get("WANDB_MODE")
+            spec["offline"] = mode in ("offline", "dryrun") if mode else not wandb_logged_in()
+            if spec["offline"]:
+                log.info("wandb: offline mode (not logged in); sync later with `wandb sync`")
+        loggers.append(instantiate(spec))
+    return loggers or False
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[Any]:
+    from hydra.utils import instantiate
+
+    return [instantiate(spec) for spec in (cfg or {}).values() if spec is not None]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build model, objective and data from ``cfg``, fit, and return the final logged metrics."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from alignment.base import Objective
+    from data.errors import InputError
+    from models.alignment_module import AlignmentModule
+    from models.components import load_components
+    from models.encoders import ConditionEncoder
+
+    L.seed_everything(cfg.seed, workers=True)
+    objective = instantiate(cfg.objective)
+    if not isinstance(objective, Objective):
+        raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
+    log.info("objective: %r", objective)
+
+    m = cfg.model
+    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                 local_files_only=m.local_files_only)
+    resolution = int(m.resolution or components.resolution)
+    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)
+    module = AlignmentModule(
+        components.unet, components.noise_scheduler, objective,
+        lora=OmegaConf.to_container(m.lora) if m.lora is not None else None,
+        adapter_name=m.adapter_name,
+        optimizer=OmegaConf.to_container(cfg.optimizer), lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler),
+        t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
+    )
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")),
+                                     callbacks=build_callbacks(cfg.get("callbacks")), default_root_dir=cfg.output_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("finished at step %d; outputs in %s", trainer.global_step, cfg.output_dir)
+    return metrics
+
+
+def explain(err: BaseException) -> str | None:
+    """A one-line message for errors caused by user input, or None for genuine bugs."""
+    from hydra.errors import InstantiationException
+
+    from data.errors import InputError
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    if isinstance(err, InputError):
+        return str(err)
+    if isinstance(err, OmegaConfBaseException):
+        key = getattr(err, "full_key", None)
+        first = str(err).strip().splitlines()[0]
+        return f"config key {key}: {first}" if key else f"config: {first}"
+    if isinstance(err, InstantiationException):
+        return str(err).strip().splitlines()[0]
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except Exception as err:  # noqa: BLE001 - user errors become one line; bugs keep their traceback
+        message = explain(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
