@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -19,6 +20,27 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("train")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def unknown_group_choice(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """Check ``group=option`` overrides against the YAML files in ``configs/<group>/``.
+
+    Hydra reports an unknown option with its search path and more; this gives one line. Skipped when
+    the user adds config directories (``hydra.searchpath``), where options may live elsewhere.
+    """
+    if any("hydra.searchpath" in arg for arg in argv):
+        return None
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or "." in key or "/" in key or not (config_dir / key).is_dir():
+            continue
+        options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+        for choice in value.split(","):  # multirun sweeps: objective=dpo,sft
+            if choice not in options and choice != "null":
+                return f"unknown {key} {choice!r}; available: {', '.join(options)}"
+    return None
 
 
 def wandb_logged_in() -> bool:
@@ -63,6 +85,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from models.components import load_components
     from models.encoders import ConditionEncoder
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise InputError(f"config key {missing[0]} must be set (e.g. {missing[0]}=...); unset: {', '.join(missing)}")
     L.seed_everything(cfg.seed, workers=True)
     objective = instantiate(cfg.objective)
     if not isinstance(objective, Objective):
@@ -121,4 +146,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    problem = unknown_group_choice(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -63,7 +63,8 @@ class AlignmentModule(L.LightningModule):
             unet.requires_grad_(False)
             if frozen_dtype not in DTYPES:
                 raise InputError(f"model.frozen_dtype: expected one of {sorted(DTYPES)}, got {frozen_dtype!r}")
-            unet.to(DTYPES[frozen_dtype])
+            if DTYPES[frozen_dtype] != unet.dtype:
+                unet.to(DTYPES[frozen_dtype])
             unet.add_adapter(LoraConfig(
                 r=int(lora["rank"]),
                 lora_alpha=float(lora.get("alpha", lora["rank"])),

@@ -44,3 +44,25 @@ def jsonl_pairs(tmp_path) -> Path:
                                  "safe_prompt": "a green circle", "categories": ["violence" if i % 2 else "hate"]}))
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path / "pairs.jsonl"
+
+
+@pytest.fixture()
+def tiny_components(tmp_path):
+    """In-memory tiny SD components with random weights (fresh per test)."""
+    from models.builders import build_components
+
+    return build_components(tmp_path / "tiny", words=["a", "red", "circle"], seed=0)
+
+
+def random_batch(components, n: int = 3, seed: int = 0) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    size = components.unet.config.sample_size
+    dim = components.text_encoder.config.hidden_size
+    return {
+        "latents_w": torch.randn(n, 4, size, size, generator=g),
+        "latents_l": torch.randn(n, 4, size, size, generator=g),
+        "prompt_embeds": torch.randn(n, 5, dim, generator=g),
+        "meta": {},
+    }

@@ -1,0 +1,127 @@
+"""AlignmentModule: per-sample errors as SPEC section 1 defines them, the LoRA reference, optimization."""
+import copy
+
+import pytest
+import torch
+from conftest import random_batch
+from diffusers import DDPMScheduler
+
+from alignment import DPO, SFT
+from models.alignment_module import AlignmentModule
+
+LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def make(components, objective=None, lora=LORA, **kw) -> AlignmentModule:
+    return AlignmentModule(components.unet, components.noise_scheduler, objective or DPO(beta=5000.0), lora=lora, **kw)
+
+
+def perturb_lora(module: AlignmentModule, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def manual_errors(unet, scheduler, batch, seed):
+    """SPEC section 1 written out: one t and one eps per pair, shared by winner and loser."""
+    g = torch.Generator().manual_seed(seed)
+    z_w, z_l, c = batch["latents_w"], batch["latents_l"], batch["prompt_embeds"]
+    n = z_w.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
+    eps = torch.randn(z_w.shape, generator=g)
+    out = []
+    for z in (z_w, z_l):
+        z_t = scheduler.add_noise(z, eps, t)
+        target = eps if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z, eps, t)
+        with torch.no_grad():
+            pred = unet(z_t, t, encoder_hidden_states=c).sample
+        out.append(((pred - target) ** 2).mean(dim=(1, 2, 3)))
+    return out
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_errors_match_spec_and_reference_is_the_base_unet(tiny_components, prediction_type):
+    tiny_components.noise_scheduler = DDPMScheduler.from_config(tiny_components.noise_scheduler.config,
+                                                                prediction_type=prediction_type)
+    base = copy.deepcopy(tiny_components.unet)
+    module = make(tiny_components)
+    perturb_lora(module)
+    batch = random_batch(tiny_components)
+    errs = module.pair_errors(batch, torch.Generator().manual_seed(7))
+
+    ref_w, ref_l = manual_errors(base, tiny_components.noise_scheduler, batch, seed=7)
+    assert torch.allclose(errs.ref_w, ref_w, atol=1e-5) and torch.allclose(errs.ref_l, ref_l, atol=1e-5)
+    pol_w, pol_l = manual_errors(module.unet, tiny_components.noise_scheduler, batch, seed=7)
+    assert torch.allclose(errs.policy_w, pol_w, atol=1e-5) and torch.allclose(errs.policy_l, pol_l, atol=1e-5)
+    # the adapters are live again after the reference pass, and they change the prediction
+    assert not torch.allclose(errs.policy_w, errs.ref_w, atol=1e-6)
+
+
+def test_winner_and_loser_share_timestep_and_noise(tiny_components):
+    module = make(tiny_components)
+    batch = random_batch(tiny_components)
+    batch["latents_l"] = batch["latents_w"].clone()
+    errs = module.pair_errors(batch)
+    assert torch.equal(errs.policy_w, errs.policy_l) and torch.equal(errs.ref_w, errs.ref_l)
+
+
+def test_one_dpo_step_lowers_winner_minus_loser_error(tiny_components):
+    module = make(tiny_components, optimizer={"lr": 1e-3, "weight_decay": 0.0})
+    batch = random_batch(tiny_components)
+    before = module.pair_errors(batch, torch.Generator().manual_seed(3))
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.compute(batch, torch.Generator().manual_seed(3)).loss.backward()
+    optimizer.step()
+    after = module.pair_errors(batch, torch.Generator().manual_seed(3))
+    gap_before = (before.policy_w - before.policy_l).mean()
+    gap_after = (after.policy_w - after.policy_l).mean()
+    assert gap_after < gap_before
+    assert torch.allclose(after.ref_w, before.ref_w) and torch.allclose(after.ref_l, before.ref_l)
+
+
+def test_only_lora_parameters_train_and_reach_the_optimizer(tiny_components):
+    module = make(tiny_components, optimizer={"lr": 1e-4})
+    names = [n for n, _ in module.trainable_parameters()]
+    assert names and all("lora_" in n for n in names)
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    assert in_optimizer == sum(p.numel() for _, p in module.trainable_parameters())
+    assert in_optimizer < sum(p.numel() for p in module.parameters()) / 10
+
+
+def test_checkpoint_holds_only_trainable_tensors(tiny_components):
+    module = make(tiny_components)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == {n for n, _ in module.trainable_parameters()}
+
+
+def test_full_finetune_keeps_a_frozen_reference_copy(tiny_components):
+    module = make(tiny_components, lora=None)
+    assert module.ref_unet is not None and module.ref_unet is not module.unet
+    assert all(p.requires_grad for p in module.unet.parameters())
+    assert not any(p.requires_grad for p in module.ref_unet.parameters())
+    batch = random_batch(tiny_components)
+    errs = module.pair_errors(batch)
+    assert torch.allclose(errs.policy_w, errs.ref_w)  # untrained: policy == reference
+
+
+def test_sft_skips_losers_and_reference(tiny_components):
+    module = make(tiny_components, objective=SFT(), lora=None)
+    assert module.ref_unet is None
+    errs = module.pair_errors(random_batch(tiny_components))
+    assert errs.policy_l is None and errs.ref_w is None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_components):
+    batch = random_batch(tiny_components)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        components = copy.deepcopy(tiny_components)
+        module = make(components, gradient_checkpointing=checkpointing)
+        perturb_lora(module)
+        module.compute(batch, torch.Generator().manual_seed(5)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in module.trainable_parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
