@@ -1,0 +1,92 @@
+"""The latent cache: built once, hit on the second run without calling the VAE, keyed by resolution."""
+import pytest
+import torch
+from PIL import Image
+
+from data.datamodule import PreferenceDataModule
+from data.errors import InputError
+from data.pairs import load_rgb, preprocess
+from data.readers import JsonlReader
+from models.encoders import ConditionEncoder
+
+
+class CountingVAE(torch.nn.Module):
+    """Wraps a VAE and counts encode calls."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.calls = vae, 0
+        self.config = vae.config
+
+    def encode(self, x):
+        self.calls += 1
+        return self.vae.encode(x)
+
+
+def datamodule(components, jsonl, cache_dir, resolution=16, **kw):
+    encoder = ConditionEncoder(components)
+    encoder.vae = CountingVAE(components.vae)
+    dm = PreferenceDataModule(JsonlReader(jsonl), encoder=encoder, resolution=resolution, batch_size=4,
+                              num_workers=0, cache_dir=cache_dir, cache_dtype="float32", **kw)
+    return dm, encoder.vae
+
+
+def test_second_run_hits_cache_and_resolution_change_misses(tiny_components, jsonl_pairs, tmp_path):
+    dm1, vae1 = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    dm1.prepare_data()
+    dm1.setup("fit")
+    assert vae1.calls > 0
+    first = next(iter(dm1.train_dataloader()))
+
+    dm2, vae2 = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    dm2.prepare_data()
+    dm2.setup("fit")
+    assert vae2.calls == 0  # cache hit: the VAE is not called
+    assert dm2.cache_path() == dm1.cache_path()
+    assert len(dm2.train_set) == 8
+
+    dm3, vae3 = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", resolution=8)
+    dm3.prepare_data()
+    assert vae3.calls > 0 and dm3.cache_path() != dm1.cache_path()
+    assert first["latents_w"].shape == (4, 4, 8, 8)  # the tiny VAE downsamples by 2
+
+
+def test_cached_latents_and_embeddings_are_the_encoders_outputs(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    dm.setup("fit")
+    item = dm.train_set[dm.train_set.indices.index(2)]
+    pair = dm.pairs[2]
+    encoder = ConditionEncoder(tiny_components)
+    pixels = preprocess(load_rgb(pair.image_l, "test"), 16)[None]
+    assert torch.allclose(item["latents_l"], encoder.encode_images(pixels)[0], atol=1e-5)
+    assert torch.allclose(item["prompt_embeds"], encoder.encode_prompts([pair.prompt])[0], atol=1e-5)
+    assert item["meta"]["categories"] == pair.categories
+
+
+def test_changed_image_invalidates_the_cache(tiny_components, jsonl_pairs, tmp_path):
+    dm1, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    before = dm1.cache_path()
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(jsonl_pairs.parent / "img" / "w0.png")
+    dm2, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    assert dm2.cache_path() != before
+
+
+def test_random_flip_caches_mirrored_latents(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", random_flip=True)
+    dm.setup("fit")
+    assert {"latents_w_flip", "latents_l_flip"} <= dm.train_set.cache.keys
+
+
+def test_category_filter_and_validation_split(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["Violence"], val_fraction=0.25)
+    dm.setup("fit")
+    chosen = dm.train_set.indices + dm.val_set.indices
+    assert sorted(chosen) == [1, 3, 5, 7] and len(dm.val_set) == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert all(c == ("violence",) for c in batch["meta"]["categories"])
+
+
+def test_unknown_category_lists_the_known_ones(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["nudity_typo"])
+    with pytest.raises(InputError, match=r"unknown category \['nudity_typo'\]; the data has \['hate', 'violence'\]"):
+        dm.setup("fit")
