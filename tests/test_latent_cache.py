@@ -90,3 +90,10 @@ def test_unknown_category_lists_the_known_ones(tiny_components, jsonl_pairs, tmp
     dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["nudity_typo"])
     with pytest.raises(InputError, match=r"unknown category \['nudity_typo'\]; the data has \['hate', 'violence'\]"):
         dm.setup("fit")
+
+
+def test_p_uncond_one_always_trains_on_the_empty_prompt(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", p_uncond=1.0)
+    dm.setup("fit")
+    empty = ConditionEncoder(tiny_components).encode_prompts([""])[0]
+    assert torch.allclose(dm.train_set[0]["prompt_embeds"], empty, atol=1e-5)
