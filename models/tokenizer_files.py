@@ -1,8 +1,8 @@
 """Write a CLIP BPE tokenizer (saved with ``save_pretrained``) for a small, known vocabulary.
 
 Real checkpoints ship their tokenizer; tiny test pipelines and the toy world need one that works
-offline. Every word of the given vocabulary becomes a single token where BPE ranks allow; any other
-text still tokenizes, byte by byte.
+offline. Every word of the given vocabulary becomes a single token; any other text still
+tokenizes, byte by byte.
 """
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
+def _apply_bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as the tokenizer does it: repeatedly merge the lowest-ranked adjacent pair."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        candidates = [(ranks[p], i) for i, p in enumerate(zip(pieces, pieces[1:])) if p in ranks]
+        if not candidates:
+            break
+        _, i = min(candidates)
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def write_clip_tokenizer(directory: str | Path, words: list[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
     """Write tokenizer files into ``directory`` and return the loaded tokenizer."""
     directory = Path(directory)
@@ -33,17 +45,19 @@ def write_clip_tokenizer(directory: str | Path, words: list[str] = (), model_max
     alphabet = _byte_alphabet()
     vocab: list[str] = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab)
     for word in sorted({w.lower() for w in words if w}):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merged = left + right
-            if merged not in seen:
-                merges.append((left, right))
-                vocab.append(merged)
-                seen.add(merged)
-            left = merged
+        pieces = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            # New merges rank after all earlier ones, so words already single tokens stay so.
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                vocab.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
+            pieces = _apply_bpe(pieces, ranks)
     vocab += [BOS, EOS]
     tokenizer = CLIPTokenizer(
         vocab={tok: i for i, tok in enumerate(vocab)},
