@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("train")
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = ROOT / "configs"
+# ${repo:assets/toy/sd} -> an absolute path inside this checkout, whatever the working directory.
+OmegaConf.register_new_resolver("repo", lambda relative: str(ROOT / relative), replace=True)
 
 
 def unknown_group_choice(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
@@ -103,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         components.unet, components.noise_scheduler, objective,
         lora=OmegaConf.to_container(m.lora) if m.lora is not None else None,
         adapter_name=m.adapter_name,
-        optimizer=OmegaConf.to_container(cfg.optimizer), lr_scheduler=OmegaConf.to_container(cfg.lr_scheduler),
+        optimizer=OmegaConf.to_container(m.optimizer), lr_scheduler=OmegaConf.to_container(m.lr_scheduler),
         t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
     )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")),

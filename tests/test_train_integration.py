@@ -26,7 +26,7 @@ def common(pipeline: Path, jsonl: Path, cache: Path, steps: int) -> list[str]:
         f"model.pretrained={pipeline}", "model.lora.rank=4", "model.lora.alpha=8",
         "data=jsonl", f"data.path={jsonl}", f"data.cache_dir={cache}", "data.num_workers=0", "data.batch_size=4",
         "data.val_fraction=0.25", "logger=csv", "trainer.accelerator=cpu", f"trainer.max_steps={steps}",
-        "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1", "optimizer.lr=1e-2",
+        "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1", "model.optimizer.lr=1e-2",
     ]
 
 
