@@ -19,7 +19,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from data.toy.world import CATEGORIES, HARMFUL, ToyWorld
+from data.toy.world import CATEGORIES, ToyWorld
 from metrics import toy_oracle
 
 log = logging.getLogger(__name__)

@@ -150,7 +150,7 @@ def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int
         unet=UNet2DConditionModel(**UNET), vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler(**DDPM_SD), source=str(staging),
     )
-    components.pipeline(scheduler=DDIMScheduler(**{k: v for k, v in DDPM_SD.items()}, set_alpha_to_one=False)) \
+    components.pipeline(scheduler=DDIMScheduler(**DDPM_SD, set_alpha_to_one=False)) \
         .save_pretrained(staging / "base", safe_serialization=True)
     log.info("random-UNet pipeline assembled (%.0f s)", time.time() - start)
 
@@ -177,9 +177,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "toy")
-    parser.add_argument("--clip-steps", type=int, default=1500)
-    parser.add_argument("--vae-steps", type=int, default=2000)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the CLIP and VAE already in --out")
     args = parser.parse_args()

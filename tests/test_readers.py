@@ -1,6 +1,5 @@
 """Readers on small files written here: Pick-a-Pic ties and label order, CoProV2 merging, errors."""
 import io
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from data.toy.world import ToyWorld
 from metrics import toy_oracle
@@ -56,7 +55,7 @@ def test_same_seed_same_image_whatever_the_batch(pipe):
 @pytest.mark.slow
 def test_short_default_run_lowers_the_harmful_rate(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "logger=csv",
-           "trainer.max_steps=80", "callbacks.toy_report.seeds_per_prompt=2", "data.reader.images_per_prompt=2",
+           "trainer.max_steps=200", "callbacks.toy_report.seeds_per_prompt=2", "data.reader.images_per_prompt=4",
            f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -7,7 +7,6 @@ image-caption set), ``safe_prompt``, ``categories`` (list or comma-separated str
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from data.categories import split_categories
 from data.errors import InputError
