@@ -11,15 +11,23 @@ LossType = Literal["sigmoid", "hinge", "ipo"]
 
 
 class DPO(Objective):
-    """``sigmoid``: ``-log sigmoid(h)``; ``hinge``: ``relu(1 - h)``; ``ipo``: ``(-(d_w - d_l) - 1/(2 beta))^2``."""
+    """``sigmoid``: ``-log sigmoid(h)``; ``hinge``: ``relu(1 - h)``; ``ipo``: ``(-(d_w - d_l) - 1/(2 beta))^2``.
 
-    def __init__(self, beta: float = 5000.0, loss_type: LossType = "sigmoid") -> None:
+    ``sft_weight`` adds ``sft_weight * mean(e_theta(x_w))``, the ``sft`` loss on the winners as a
+    regularizer (SPEC 1.1): preference losses alone can be lowered by pushing the loser away without
+    learning the winner, which on safety pairs leaves harmful prompts drawing something else broken.
+    """
+
+    def __init__(self, beta: float = 5000.0, loss_type: LossType = "sigmoid", sft_weight: float = 0.0) -> None:
         if loss_type not in ("sigmoid", "hinge", "ipo"):
             raise ValueError(f"objective.loss_type: expected one of sigmoid, hinge, ipo, got {loss_type!r}")
         if beta <= 0:
             raise ValueError(f"objective.beta: expected a positive number, got {beta}")
+        if sft_weight < 0:
+            raise ValueError(f"objective.sft_weight: expected a number >= 0, got {sft_weight}")
         self.beta = float(beta)
         self.loss_type = loss_type
+        self.sft_weight = float(sft_weight)
 
     def loss(self, errors: PairErrors, meta: Mapping[str, Any]) -> ObjectiveOutput:
         h = errors.margin(self.beta)
@@ -29,4 +37,9 @@ class DPO(Objective):
             per_pair = F.relu(1 - h)
         else:
             per_pair = (-errors.delta() - 1 / (2 * self.beta)) ** 2
-        return ObjectiveOutput(per_pair.mean(), preference_metrics(h))
+        loss, metrics = per_pair.mean(), preference_metrics(h)
+        if self.sft_weight:
+            sft = errors.policy_w.mean()
+            loss = loss + self.sft_weight * sft
+            metrics["sft_term"] = sft.detach()
+        return ObjectiveOutput(loss, metrics)

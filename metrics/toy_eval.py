@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import lightning as L
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from PIL import Image
 
 from data.toy.world import CATEGORIES, ToyWorld
 from metrics import toy_oracle
+from metrics.reporting import atomic_write, image_grid, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
     return np.concatenate(out)
 
 
-def toy_metrics(world: ToyWorld, images: dict[str, np.ndarray], prompts: dict[str, list]) -> dict[str, float]:
+def toy_metrics(images: dict[str, np.ndarray], prompts: dict[str, list]) -> dict[str, float]:
     """Harmful rate per category and overall, benign fidelity, fidelity of harmful images to the safe rewrite."""
     harmful, benign = prompts["harmful"], prompts["benign"]
     per_cat = toy_oracle.harm_by_category(images["harmful"])
@@ -54,29 +53,6 @@ def toy_metrics(world: ToyWorld, images: dict[str, np.ndarray], prompts: dict[st
     metrics["safe_rewrite_fidelity"] = float(
         toy_oracle.fidelity([p.safe_rewrite().text for p in harmful], images["harmful"]).mean())
     return metrics
-
-
-def markdown_table(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-    for key in before:
-        lines.append(f"| {key} | {before[key]:.3f} | {after[key]:.3f} | {after[key] - before[key]:+.3f} |")
-    return "\n".join(lines)
-
-
-def image_grid(rows: list[list[np.ndarray]], scale: int = 4) -> Image.Image:
-    h, w = rows[0][0].shape[:2]
-    grid = Image.new("RGB", (w * scale * len(rows[0]), h * scale * len(rows)), (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-            grid.paste(tile.resize((w * scale, h * scale), Image.Resampling.NEAREST), (c * w * scale, r * h * scale))
-    return grid
-
-
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class ToyAlignmentReport(L.Callback):
@@ -110,7 +86,7 @@ class ToyAlignmentReport(L.Callback):
                 seeds = [self.seed + k for _ in plist for k in range(self.seeds_per_prompt)]
                 images[kind] = generate(pipe, texts, seeds, self.steps, self.guidance)
         module.train(was_training)
-        return toy_metrics(world, images, {k: [p for p in v for _ in range(self.seeds_per_prompt)]
+        return toy_metrics(images, {k: [p for p in v for _ in range(self.seeds_per_prompt)]
                                            for k, v in prompts.items()}), images
 
     def on_fit_start(self, trainer: L.Trainer, module) -> None:

@@ -63,7 +63,24 @@ def test_dpo_without_reference_is_a_clear_error():
         DPO()(PairErrors(policy_w=torch.ones(2), policy_l=torch.ones(2)))
 
 
-@pytest.mark.parametrize("kwargs", [{"loss_type": "focal"}, {"beta": 0}])
+@pytest.mark.parametrize("kwargs", [{"loss_type": "focal"}, {"beta": 0}, {"sft_weight": -1}])
 def test_dpo_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError, match="objective"):
         DPO(**kwargs)
+
+
+def test_dpo_sft_weight_adds_the_winner_error():
+    plain = DPO(beta=100.0)(errors())
+    out = DPO(beta=100.0, sft_weight=10.0)(errors())
+    assert out.loss.item() == pytest.approx(plain.loss.item() + 10.0 * 0.15, rel=1e-9)
+    assert out.metrics["sft_term"].item() == pytest.approx(0.15)
+    e = errors()
+    e.policy_l.requires_grad_(True)
+    e.policy_w.requires_grad_(True)
+    DPO(beta=100.0, sft_weight=10.0)(e).loss.backward()
+    e0 = errors()
+    e0.policy_w.requires_grad_(True)
+    e0.policy_l.requires_grad_(True)
+    DPO(beta=100.0)(e0).loss.backward()
+    assert torch.allclose(e.policy_w.grad, e0.policy_w.grad + 10.0 / 2)   # d/d e_w of 10 * mean(e_w)
+    assert torch.allclose(e.policy_l.grad, e0.policy_l.grad)

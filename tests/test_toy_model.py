@@ -64,3 +64,16 @@ def test_short_default_run_lowers_the_harmful_rate(tmp_path):
     assert report["after"]["harmful_rate/all"] < report["before"]["harmful_rate/all"]
     assert (tmp_path / "toy_grid.png").is_file()
     assert "harmful_rate/violence" in result.stdout
+
+    # evaluate.py on the base model and the LoRA that run wrote: the aligned UAS is higher
+    evaluation = tmp_path / "eval"
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={evaluation}", f"lora={tmp_path / 'lora' / 'final'}",
+           "images_per_prompt=2", f"cache_dir={tmp_path / 'eval_cache'}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["aligned"]["uas"] > metrics["base"]["uas"]
+    assert metrics["aligned"]["ip"] < metrics["base"]["ip"]
+    assert (evaluation / "grid.png").is_file() and (evaluation / "metrics.md").is_file()
+    assert len(list((evaluation / "images" / "aligned").glob("*.png"))) == 2 * 24

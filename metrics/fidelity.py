@@ -1,0 +1,72 @@
+"""Per-image prompt fidelity ``q(c, x)`` (SPEC 5.3) and the CLIPScore / FID metrics (SPEC 5.4).
+
+A fidelity scorer maps ``(prompts, images [N, 3, H, W] in [0, 1])`` to ``q [N]``; UAS divides it by
+the base model's mean, so its scale does not matter.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from metrics.detectors import to_uint8
+
+FidelityScorer = Callable[[Sequence[str], Tensor], Tensor]
+
+
+class ToyFidelity:
+    """The toy world's exact oracle: mean probability of the prompt's three attributes."""
+
+    def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        from metrics import toy_oracle
+
+        return torch.as_tensor(toy_oracle.fidelity(list(prompts), to_uint8(images)), dtype=torch.float64)
+
+
+class ClipFidelity:
+    """CLIPScore per image, ``max(100 * cos(E_I(x), E_T(c)), 0)``, with any CLIP (a local directory or a
+    hub id: the toy CLIP, ``openai/clip-vit-large-patch14``)."""
+
+    def __init__(self, clip: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(clip).eval().to(device)
+        self.processor = CLIPProcessor.from_pretrained(clip)
+
+    def model_and_processor(self):
+        """For torchmetrics' ``CLIPScore(model_name_or_path=...)``, which takes a callable."""
+        return self.model, self.processor
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        inputs = self.processor(text=list(prompts), images=list(to_uint8(images)), return_tensors="pt",
+                                padding=True, truncation=True)
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image, text = (getattr(t, "pooler_output", t) for t in (image, text))
+        cos = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
+        return (100 * cos).clamp(min=0).double().cpu()
+
+
+def clip_score_metric(clip: str | Path):
+    """torchmetrics ``CLIPScore`` with any CLIP (its callable form), for the mean over a set."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    scorer = ClipFidelity(clip)
+    return CLIPScore(model_name_or_path=scorer.model_and_processor)
+
+
+def fid_metric(feature_extractor_weights_path: str | Path | None = None, feature: int | torch.nn.Module = 2048):
+    """torchmetrics ``FrechetInceptionDistance``; offline users give the Inception weights file
+    (``pt_inception-2015-12-05`` from torch-fidelity) or their own feature ``nn.Module``."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if isinstance(feature, int) and feature_extractor_weights_path is not None \
+            and not Path(feature_extractor_weights_path).is_file():
+        raise FileNotFoundError(f"fid: Inception weights not found: {feature_extractor_weights_path}")
+    kwargs = {"feature_extractor_weights_path": str(feature_extractor_weights_path)} \
+        if feature_extractor_weights_path is not None else {}
+    return FrechetInceptionDistance(feature=feature, normalize=True, **kwargs)

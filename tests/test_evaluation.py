@@ -1,0 +1,82 @@
+"""Generation is reproducible whatever the batching or the number of processes; prompt readers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.errors import InputError
+from data.prompts import read_coco_captions, read_i2p, read_text, read_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_same_prompt_and_seed_same_image_with_batch_1_and_8():
+    from diffusers import StableDiffusionPipeline
+
+    from models.sampling import SamplerSettings, generate, use_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
+    use_scheduler(pipe, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [p.text for p in read_toy("heldout")][:8]
+    seeds = list(range(100, 108))
+    one = generate(pipe, prompts, seeds, SamplerSettings(num_inference_steps=5, guidance_scale=4.0, batch_size=1))
+    eight = generate(pipe, prompts, seeds, SamplerSettings(num_inference_steps=5, guidance_scale=4.0, batch_size=8))
+    assert one.shape == (8, 3, 32, 32)
+    assert torch.allclose(one, eight, atol=1e-4)
+    assert not torch.allclose(one[0], one[1], atol=1e-2)  # different seeds do differ
+
+
+def test_two_process_validation_gives_the_one_process_uas(tmp_path):
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"uas_{devices}.json"
+        run = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "validation_uas.py"), str(devices), str(out)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[devices] = json.loads(out.read_text())
+    assert set(results[1]) == set(results[2])
+    assert "uas" in results[1] and "faithfulness/violence" in results[1]
+    for key, value in results[1].items():
+        assert results[2][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_i2p_reader(tmp_path):
+    path = tmp_path / "i2p.csv"
+    path.write_text("prompt,categories,sd_seed,sd_guidance_scale,hard\n"
+                    "a bad thing,\"Violence, hate\",42,7.0,1\nanother,sexual,7,9.5,0\n")
+    prompts = read_i2p(path)
+    assert [(p.text, p.categories, p.seed, p.guidance, p.kind) for p in prompts] == [
+        ("a bad thing", ("violence", "hate"), 42, 7.0, "harmful"), ("another", ("sexual",), 7, 9.5, "harmful")]
+    path.write_text("prompt,category\nx,y\n")
+    with pytest.raises(InputError, match=r"i2p.csv: missing column\(s\) \['categories'\]"):
+        read_i2p(path)
+
+
+def test_coco_and_text_readers(tmp_path):
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": " a dog "}, {"image_id": 1, "caption": "dup"},
+                                                {"image_id": 2, "caption": "a cat"}]}))
+    assert [p.text for p in read_coco_captions(coco)] == ["a dog", "a cat"]
+    coco.write_text(json.dumps({"images": []}))
+    with pytest.raises(InputError, match="annotations"):
+        read_coco_captions(coco)
+    text = tmp_path / "p.txt"
+    text.write_text("one\n\n two \n")
+    assert [(p.text, p.kind) for p in read_text(text, kind="harmful")] == [("one", "harmful"), ("two", "harmful")]
+    with pytest.raises(InputError, match="kind must be"):
+        read_text(text, kind="evil")
+
+
+def test_toy_prompts_carry_safe_rewrites():
+    prompts = read_toy("heldout")
+    harmful = [p for p in prompts if p.kind == "harmful"]
+    assert harmful and all(p.safe_text and p.categories for p in harmful)
+    assert len(prompts) - len(harmful) == 8
