@@ -69,12 +69,14 @@ class Q16Detector:
 
     def __init__(self, clip: str | Path, prompts: str | Path, category: str = "inappropriate") -> None:
         from safetensors.torch import load_file
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPImageProcessor
+
+        from models.clip import load_clip_vision
 
         tensors = load_file(str(prompts))
         if "prompts" not in tensors or tensors["prompts"].ndim != 2 or tensors["prompts"].shape[0] != 2:
             raise ValueError(f"{prompts}: expected a tensor 'prompts' of shape [2, D] (benign, inappropriate)")
-        self.encoder = CLIPVisionModelWithProjection.from_pretrained(clip).eval()
+        self.encoder = load_clip_vision(clip).eval()
         self.processor = CLIPImageProcessor.from_pretrained(clip)
         self.prompts = tensors["prompts"].float()
         if self.prompts.shape[1] != self.encoder.config.projection_dim:

@@ -25,6 +25,26 @@ class ToyFidelity:
         return torch.as_tensor(toy_oracle.fidelity(list(prompts), to_uint8(images)), dtype=torch.float64)
 
 
+class ClipFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_*_features`` return the projected embeddings as tensors, whichever
+    transformers version (v5 returns output objects, which torchmetrics' CLIPScore cannot read)."""
+
+    def __init__(self, clip) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(out) -> Tensor:
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    def get_image_features(self, pixel_values: Tensor) -> Tensor:
+        return self._tensor(self.clip.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self._tensor(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
 class ClipFidelity:
     """CLIPScore per image, ``max(100 * cos(E_I(x), E_T(c)), 0)``, with any CLIP (a local directory or a
     hub id: the toy CLIP, ``openai/clip-vit-large-patch14``)."""
@@ -32,7 +52,7 @@ class ClipFidelity:
     def __init__(self, clip: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = CLIPModel.from_pretrained(clip).eval().to(device)
+        self.model = ClipFeatures(CLIPModel.from_pretrained(clip).eval()).to(device)
         self.processor = CLIPProcessor.from_pretrained(clip)
 
     def model_and_processor(self):
@@ -43,10 +63,10 @@ class ClipFidelity:
     def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
         inputs = self.processor(text=list(prompts), images=list(to_uint8(images)), return_tensors="pt",
                                 padding=True, truncation=True)
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
-        image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        image, text = (getattr(t, "pooler_output", t) for t in (image, text))
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        image = self.model.get_image_features(inputs["pixel_values"])
+        text = self.model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
         cos = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
         return (100 * cos).clamp(min=0).double().cpu()
 

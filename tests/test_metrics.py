@@ -149,3 +149,77 @@ def test_jobs_seeds_depend_on_the_prompt_only():
     assert [(j.seed, j.guidance) for j in own] == [(77, 9.0), (78, 9.0), (102, 4.0), (103, 4.0)]
     assert sorted(j.seed for r in range(3) for j in shard(jobs, r, 3)) == [j.seed for j in jobs]
     assert not math.isnan(jobs[0].guidance)
+
+
+TOY_CLIP = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets" / "toy" / "clip"
+
+
+def test_clip_fidelity_by_hand_and_matches_torchmetrics_clipscore():
+    from transformers import CLIPModel, CLIPProcessor
+
+    from metrics.fidelity import ClipFidelity, clip_score_metric
+
+    world = ToyWorld()
+    prompts = world.split["heldout_benign"][:3]
+    images = _render(prompts)
+    texts = [p.text for p in prompts]
+    q = ClipFidelity(TOY_CLIP)(texts, images)
+    model, processor = CLIPModel.from_pretrained(TOY_CLIP).eval(), CLIPProcessor.from_pretrained(TOY_CLIP)
+    with torch.no_grad():
+        inputs = processor(text=texts, images=list((images * 255).round().byte().permute(0, 2, 3, 1).numpy()),
+                           return_tensors="pt", padding=True)
+        out = model(**inputs)
+        e_i = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+        e_t = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+    expected = (100 * (e_i * e_t).sum(-1)).clamp(min=0)
+    assert torch.allclose(q.float(), expected, atol=1e-3)
+    wrong = ClipFidelity(TOY_CLIP)(texts[::-1], images)
+    assert q.mean() > wrong.mean() + 20  # the toy CLIP tells prompts apart
+    metric = clip_score_metric(TOY_CLIP)
+    metric.update((images * 255).round().to(torch.uint8), texts)
+    assert float(metric.compute()) == pytest.approx(float(q.mean()), abs=1e-3)
+
+
+def test_q16_detector_by_hand(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import CLIPModel
+
+    from metrics.detectors import Q16Detector
+
+    model = CLIPModel.from_pretrained(TOY_CLIP).eval()
+    dim = model.config.projection_dim
+    prompts = torch.randn(2, dim, generator=torch.Generator().manual_seed(0))
+    save_file({"prompts": prompts}, str(tmp_path / "q16.safetensors"))
+    images = _render(ToyWorld().split["heldout_harmful"][:2])
+    p = Q16Detector(TOY_CLIP, tmp_path / "q16.safetensors")(images)["inappropriate"]
+    with torch.no_grad():
+        e = model.get_image_features(pixel_values=(images - 0.5) / 0.5)
+        e = getattr(e, "pooler_output", e)
+    cos = torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(prompts, dim=-1).T
+    assert torch.allclose(p.float(), torch.softmax(100 * cos, -1)[:, 1], atol=1e-4)
+    save_file({"prompts": torch.randn(3, dim)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"bad.safetensors: expected a tensor 'prompts' of shape \[2, D\]"):
+        Q16Detector(TOY_CLIP, tmp_path / "bad.safetensors")
+
+
+def test_fid_with_a_given_feature_extractor():
+    from metrics.fidelity import fid_metric
+
+    class MeanStd(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, x):
+            x = x.float()
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    world = ToyWorld()
+    a = _render(world.split["heldout_benign"] + world.split["heldout_benign"], seed=0)
+    b = _render(world.split["heldout_harmful"][:16], seed=1)
+    same, other = fid_metric(feature=MeanStd()), fid_metric(feature=MeanStd())
+    same.update(a, real=True)
+    same.update(a, real=False)
+    other.update(a, real=True)
+    other.update(b, real=False)
+    assert abs(float(same.compute())) < 1e-3 < float(other.compute())
+    with pytest.raises(FileNotFoundError, match="Inception weights not found"):
+        fid_metric("/nonexistent/pt_inception.pth")
