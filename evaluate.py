@@ -130,7 +130,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             _save_images(images[keep], out / "images" / name,
                          [f"{records[n]['role']}_{records[n]['prompt_index']:05d}_{records[n]['k']}" for n in keep])
         atomic_write(out / f"records_{name}.json", lambda p, r=records: p.write_text(json.dumps(r)))
-    table = markdown_table(results["base"], results.get("aligned", results["base"]), names=("base", "aligned"))
+    if "aligned" in results:
+        table = markdown_table(results["base"], results["aligned"], names=("base", "aligned"))
+    else:
+        table = "\n".join(["| metric | base |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in results["base"].items()])
     atomic_write(out / "metrics.json", lambda p: p.write_text(json.dumps(results, indent=2)))
     atomic_write(out / "metrics.md", lambda p: p.write_text(table + "\n"))
     # grid: the first image of up to grid_rows prompts per role; columns base, aligned

@@ -78,37 +78,19 @@ def build_callbacks(cfg: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build model, objective and data from ``cfg``, fit, and return the final logged metrics."""
+    """Build the task's module and data from ``cfg``, fit, and return the final logged metrics."""
     import lightning as L
     from hydra.utils import instantiate
 
-    from alignment.base import Objective
+    from hydra.utils import get_method
+
     from data.errors import InputError
-    from models.alignment_module import AlignmentModule
-    from models.components import load_components
-    from models.encoders import ConditionEncoder
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise InputError(f"config key {missing[0]} must be set (e.g. {missing[0]}=...); unset: {', '.join(missing)}")
     L.seed_everything(cfg.seed, workers=True)
-    objective = instantiate(cfg.objective)
-    if not isinstance(objective, Objective):
-        raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
-    log.info("objective: %r", objective)
-
-    m = cfg.model
-    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 local_files_only=m.local_files_only)
-    resolution = int(m.resolution or components.resolution)
-    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)
-    module = AlignmentModule(
-        components.unet, components.noise_scheduler, objective,
-        lora=OmegaConf.to_container(m.lora) if m.lora is not None else None,
-        adapter_name=m.adapter_name,
-        optimizer=OmegaConf.to_container(m.optimizer), lr_scheduler=OmegaConf.to_container(m.lr_scheduler),
-        t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
-    )
+    module, datamodule = get_method(cfg.task.builder)(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")),
                                      callbacks=build_callbacks(cfg.get("callbacks")), default_root_dir=cfg.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

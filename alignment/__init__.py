@@ -1,6 +1,7 @@
-"""Alignment objectives: pure loss math on per-sample errors, and (later) adapter merging."""
+"""Alignment objectives: pure loss math on per-sample errors (and the cost model's losses)."""
 from alignment.base import Objective, ObjectiveOutput, PairErrors
 from alignment.dpo import DPO
+from alignment.scdpo import SCDPO
 from alignment.sft import SFT
 
-__all__ = ["Objective", "ObjectiveOutput", "PairErrors", "DPO", "SFT"]
+__all__ = ["DPO", "SCDPO", "SFT", "Objective", "ObjectiveOutput", "PairErrors"]

@@ -80,6 +80,7 @@ class PreferenceDataModule(L.LightningDataModule):
         encode_batch_size: int = 8,
         encode_device: str = "auto",
         seed: int = 0,
+        cost_model: str | Path | None = None,
     ) -> None:
         super().__init__()
         if cache_dtype not in CACHE_DTYPES:
@@ -94,6 +95,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
+        self.cost_model = cost_model
         self._pairs: list[PreferencePair] | None = None
         self.train_set: CachedPairDataset | None = None
         self.val_set: CachedPairDataset | None = None
@@ -105,6 +107,10 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pairs = self.reader.read()
             if not self._pairs:
                 raise InputError(f"{self.reader}: the data holds no usable pairs")
+            if self.cost_model:
+                from data.costs import attach_costs
+
+                attach_costs(self._pairs, self.cost_model, self.cache_dir)
         return self._pairs
 
     def selected_indices(self) -> list[int]:

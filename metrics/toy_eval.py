@@ -66,7 +66,7 @@ class ToyAlignmentReport(L.Callback):
     @staticmethod
     def _world(trainer: L.Trainer) -> ToyWorld | None:
         reader = getattr(trainer.datamodule, "reader", None)
-        return getattr(reader, "world", None) if getattr(reader, "kind", None) == "pairs" else None
+        return getattr(reader, "world", None) if getattr(reader, "kind", None) != "images" else None
 
     def _evaluate(self, trainer: L.Trainer, module, world: ToyWorld, base: bool) -> tuple[dict, dict]:
         encoder = trainer.datamodule.encoder

@@ -9,7 +9,8 @@ from PIL import Image
 from data.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader
-from data.toy.world import Prompt, ToyWorld
+from data.readers.mixed import MixedReader
+from data.toy.world import BACKGROUNDS, COLOURS, HARMFUL, KINDS, SHAPES, Prompt, ToyWorld
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -18,20 +19,34 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def degraded(prompt: Prompt, seed: int) -> Prompt:
+    """``prompt`` with one attribute (chosen by ``seed``) swapped for another benign value of its kind."""
+    kind = KINDS[seed % len(KINDS)]
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}[kind]
+    benign = [v for v in values if v not in HARMFUL and v != getattr(prompt, kind)]
+    attrs = prompt.attributes()
+    attrs[kind] = benign[(seed // len(KINDS)) % len(benign)]
+    return Prompt(**attrs)
+
+
 class ToyReader(PairReader):
     """``kind=pairs``: (harmful prompt; safe rewrite's image preferred over the harmful image), rendered
-    with the same jitter seed, carrying the safe prompt and category. ``kind=images``: every prompt of
-    ``split`` (benign and harmful) with its own image, for pretraining the base model.
+    with the same jitter seed, carrying the safe prompt and category. ``kind=clean_pairs``: quality pairs
+    under benign prompts (the prompt's own image preferred over an image with one attribute swapped for
+    another benign value: higher fidelity wins). ``kind=scp``: SC-DPO's mix of the two, ``harmful_fraction``
+safety pairs (:class:`MixedReader`). ``kind=images``: every prompt of ``split`` (benign and
+    harmful) with its own image, for pretraining the base model.
     """
 
-    def __init__(self, path: str | None = None, kind: Literal["pairs", "images"] = "pairs", split: str = "train",
-                 images_per_prompt: int = 8, world_seed: int = 0) -> None:
-        if kind not in ("pairs", "images"):
-            raise InputError(f"data.reader.kind: expected pairs or images, got {kind!r}")
+    def __init__(self, path: str | None = None, kind: Literal["pairs", "clean_pairs", "scp", "images"] = "pairs", split: str = "train",
+                 images_per_prompt: int = 8, world_seed: int = 0, harmful_fraction: float = 0.5) -> None:
+        if kind not in ("pairs", "clean_pairs", "scp", "images"):
+            raise InputError(f"data.reader.kind: expected pairs, clean_pairs, scp or images, got {kind!r}")
         if split not in ("train", "heldout"):
             raise InputError(f"data.reader.split: expected train or heldout, got {split!r}")
         self.world = ToyWorld(seed=world_seed)
         self.path, self.kind, self.split, self.images_per_prompt = path, kind, split, images_per_prompt
+        self.harmful_fraction = harmful_fraction
         self.stats: dict[str, int] = {}
 
     def prompts(self, which: str) -> list[Prompt]:
@@ -40,11 +55,27 @@ class ToyReader(PairReader):
     def read(self) -> list[PreferencePair]:
         pairs: list[PreferencePair] = []
         seeds = range(self.images_per_prompt)
+        if self.kind == "scp":
+            def part(kind: str) -> ToyReader:
+                return ToyReader(kind=kind, split=self.split, images_per_prompt=self.images_per_prompt,
+                                 world_seed=self.world.seed)
+            mixed = MixedReader(harmful=part("pairs"), clean=part("clean_pairs"),
+                                harmful_fraction=self.harmful_fraction, seed=self.world.seed)
+            pairs = mixed.read()
+            self.stats = mixed.stats
+            return pairs
         if self.kind == "images":
             for prompt in self.prompts("benign") + self.prompts("harmful"):
                 for seed in seeds:
                     pairs.append(PreferencePair(prompt=prompt.text, image_w=png_bytes(self.world.render(prompt, seed)),
                                                 categories=prompt.categories, source=f"toy {prompt.text} seed {seed}"))
+        elif self.kind == "clean_pairs":
+            for prompt in self.prompts("benign"):
+                for seed in seeds:
+                    worse = degraded(prompt, seed)
+                    pairs.append(PreferencePair(
+                        prompt=prompt.text, image_w=png_bytes(self.world.render(prompt, seed)),
+                        image_l=png_bytes(self.world.render(worse, seed)), source=f"toy clean {prompt.text} seed {seed}"))
         else:
             for prompt in self.prompts("harmful"):
                 safe = prompt.safe_rewrite()

@@ -1,0 +1,129 @@
+"""The safety cost model (SPEC 3): a frozen CLIP image encoder and a small MLP adapter to one scalar.
+
+``C(x) > 0`` means harmful; ``sigmoid(C(x))`` is the probability that ``x`` is harmful. Only the adapter
+trains, on encoder features computed once (``data/cost_data.py`` caches them). A saved cost model is
+``adapter.safetensors`` plus ``cost_model.json`` (the encoder to load, the feature size, the adapter
+shape); loading it against another encoder is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from data.errors import InputError
+
+CONFIG_NAME = "cost_model.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+class CostAdapter(nn.Module):
+    """``g_phi``: normalized features -> scalar cost."""
+
+    def __init__(self, feature_dim: int, hidden: int = 256, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.feature_dim, self.hidden, self.dropout = feature_dim, hidden, dropout
+        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(nn.functional.normalize(features.float(), dim=-1)).squeeze(-1)
+
+
+class ImageFeatures:
+    """Frozen CLIP image features (``image_embeds``) of images ``[N, 3, H, W]`` in [0, 1]."""
+
+    def __init__(self, encoder: str | Path, device: str | torch.device = "cpu") -> None:
+        from transformers import CLIPImageProcessor
+
+        from models.clip import load_clip_vision
+
+        self.name = str(encoder)
+        try:
+            self.model = load_clip_vision(encoder).eval().to(device)
+            self.processor = CLIPImageProcessor.from_pretrained(str(encoder))
+        except OSError as error:
+            raise InputError(f"cost model encoder {encoder}: cannot load a CLIP image encoder ({str(error).splitlines()[0]})") from None
+        self.model.requires_grad_(False)
+        self.dim = int(self.model.config.projection_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor | Sequence) -> Tensor:
+        if isinstance(images, Tensor):
+            images = list((images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model(pixel_values=pixels).image_embeds.float().cpu()
+
+
+class SafetyCostModel(nn.Module):
+    """Encoder features -> cost. ``cost(images)`` runs both; ``forward(features)`` the adapter alone."""
+
+    def __init__(self, features: ImageFeatures, adapter: CostAdapter) -> None:
+        super().__init__()
+        if adapter.feature_dim != features.dim:
+            raise InputError(f"cost model: adapter expects {adapter.feature_dim}-d features, encoder "
+                             f"{features.name} gives {features.dim}-d (a cost model for another encoder?)")
+        self.features, self.adapter = features, adapter
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.adapter(features)
+
+    @torch.no_grad()
+    def cost(self, images: Tensor | Sequence) -> Tensor:
+        return self.adapter(self.features(images).to(next(self.adapter.parameters()).device)).cpu()
+
+    def probability(self, images: Tensor | Sequence) -> Tensor:
+        """``sigmoid(C(x))``: the cost model as an unsafe-probability detector (SPEC 5.1)."""
+        return torch.sigmoid(self.cost(images))
+
+    def save(self, directory: str | Path, encoder_reference: str | None = None) -> Path:
+        """Atomic: files are written under temporary names and renamed."""
+        from safetensors.torch import save_file
+
+        from metrics.reporting import atomic_write
+
+        directory = Path(directory)
+        config = {"encoder": encoder_reference or self.features.name, "feature_dim": self.adapter.feature_dim,
+                  "hidden": self.adapter.hidden, "format": "t2i-safety-align cost model v1"}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"config": json.dumps(config)}))
+        atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, encoder: str | Path | None = None,
+             device: str | torch.device = "cpu") -> "SafetyCostModel":
+        """``encoder`` overrides the saved one (a local copy of the same CLIP); a relative saved
+        encoder path is resolved against ``directory`` (the shipped toy model uses ``../clip``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise InputError(f"cost model {directory}: no {CONFIG_NAME} (a directory saved by `train.py task=cost_model`)")
+        try:
+            config = json.loads(config_path.read_text())
+            feature_dim, hidden, saved_encoder = int(config["feature_dim"]), int(config["hidden"]), str(config["encoder"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{config_path}: expected keys encoder, feature_dim, hidden ({error})") from None
+        if encoder is None:
+            local = (directory / saved_encoder)
+            encoder = local.resolve() if not Path(saved_encoder).is_absolute() and local.exists() else saved_encoder
+        features = ImageFeatures(encoder, device)
+        adapter = CostAdapter(feature_dim, hidden)
+        try:
+            state = load_file(str(directory / WEIGHTS_NAME))
+        except (FileNotFoundError, SafetensorError, OSError) as error:
+            raise InputError(f"{directory / WEIGHTS_NAME}: cannot read cost model weights ({error})") from None
+        try:
+            adapter.load_state_dict(state)
+        except RuntimeError as error:
+            raise InputError(f"{directory / WEIGHTS_NAME}: weights do not fit {CONFIG_NAME} ({str(error).splitlines()[0]})") from None
+        return cls(features, adapter.to(device).eval())

@@ -1,0 +1,64 @@
+"""What ``train.py`` fits: each task builds its LightningModule and DataModule from the config.
+
+``configs/task/<name>.yaml`` names its builder; ``align`` (preference objectives on a diffusion model)
+is the default, ``cost_model`` trains the safety cost model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from data.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+    from hydra.utils import instantiate
+
+    from alignment.base import Objective
+    from models.alignment_module import AlignmentModule
+    from models.components import load_components
+    from models.encoders import ConditionEncoder
+
+    objective = instantiate(cfg.objective)
+    if not isinstance(objective, Objective):
+        raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
+    log.info("objective: %r", objective)
+    m = cfg.model
+    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                 local_files_only=m.local_files_only)
+    resolution = int(m.resolution or components.resolution)
+    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)
+    module = AlignmentModule(
+        components.unet, components.noise_scheduler, objective,
+        lora=OmegaConf.to_container(m.lora) if m.lora is not None else None,
+        adapter_name=m.adapter_name,
+        optimizer=OmegaConf.to_container(m.optimizer), lr_scheduler=OmegaConf.to_container(m.lr_scheduler),
+        t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
+    )
+    return module, datamodule
+
+
+def build_cost_model(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The cost model trains on the pairs of the chosen ``data`` group (its reader and path)."""
+    from hydra.utils import instantiate
+
+    from data.cost_data import CostFeatureDataModule
+    from models.cost_model import ImageFeatures
+    from models.cost_module import CostModelModule
+
+    c = cfg.cost_model
+    features = ImageFeatures(c.encoder)
+    reader: Any = instantiate(cfg.data.reader)
+    val_reader = instantiate(c.val_reader) if c.get("val_reader") is not None else None
+    datamodule = CostFeatureDataModule(reader, features, path=cfg.data.get("path"), val_reader=val_reader,
+                                       val_fraction=c.val_fraction, batch_size=c.batch_size,
+                                       cache_dir=cfg.data.cache_dir, seed=cfg.seed)
+    module = CostModelModule(features, hidden=c.hidden, dropout=c.dropout, lambda_a=c.lambda_a, margin=c.margin,
+                             lr=c.lr, weight_decay=c.weight_decay, save_dir=c.save_dir,
+                             encoder_reference=c.get("encoder_reference"))
+    return module, datamodule
