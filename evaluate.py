@@ -162,19 +162,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except Exception as err:  # noqa: BLE001 - user errors become one line; bugs keep their traceback
-        message = train.explain(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    train.run_reporting_user_errors(evaluate, cfg)
 
 
 if __name__ == "__main__":
-    problem = train.unknown_group_choice(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+    train.check_group_choices(sys.argv[1:])
     main()

@@ -13,7 +13,7 @@ import netrc
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -118,11 +118,11 @@ def explain(err: BaseException) -> str | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def run_reporting_user_errors(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run a command's ``job``: user errors become one line on stderr and exit status 2; bugs keep their traceback."""
     try:
-        train(cfg)
-    except Exception as err:  # noqa: BLE001 - user errors become one line; bugs keep their traceback
+        return job(cfg)
+    except Exception as err:  # noqa: BLE001
         message = explain(err)
         if message is None:
             raise
@@ -130,9 +130,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    problem = unknown_group_choice(sys.argv[1:])
+def check_group_choices(argv: list[str]) -> None:
+    """Stop with one line on an unknown ``group=option`` before Hydra composes anything."""
+    problem = unknown_group_choice(argv)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_reporting_user_errors(train, cfg)
+
+
+if __name__ == "__main__":
+    check_group_choices(sys.argv[1:])
     main()

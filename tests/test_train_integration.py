@@ -124,7 +124,7 @@ def test_unknown_objective_is_one_short_line():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "objective=nope"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert result.stderr.strip() == "error: unknown objective 'nope'; available: dpo, sft"
+    assert result.stderr.strip() == "error: unknown objective 'nope'; available: dpo, scdpo, sft"
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -134,3 +134,26 @@ def test_missing_data_path_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: config key data.path must be set (e.g. data.path=...); unset: data.path")
     assert "Traceback" not in result.stderr
+
+
+def test_scdpo_out_of_the_box_gets_costs_and_cost_model_task_saves(tmp_path):
+    out = tmp_path / "scdpo"
+    result = run_train(out, "objective=scdpo", "logger=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
+                       "data.batch_size=8", "data.reader.images_per_prompt=1", "~callbacks.toy_report",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/safety_margin")]
+    assert rows, "scdpo logged no safety margin"
+    # toy safety pairs: the loser costs more than the winner, so the margin is positive on average
+    assert max(float(r["train/safety_margin"]) for r in rows) > 0
+    assert list(tmp_path.glob("cache/costs_*.safetensors"))
+
+    out = tmp_path / "cost"
+    result = run_train(out, "task=cost_model", "logger=csv", "trainer.max_steps=30", "data.reader.images_per_prompt=2",
+                       f"data.cache_dir={tmp_path / 'cache'}", "trainer.check_val_every_n_epoch=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from models.cost_model import SafetyCostModel
+
+    model = SafetyCostModel.load(out / "cost_model")
+    assert model.adapter.feature_dim == 64
+    assert any(r.get("val/auroc") for r in metrics_rows(out))
