@@ -1,0 +1,78 @@
+"""Co-Merge on a real peft-adapted UNet: calibration hooks and the merged adapter (SPEC 2)."""
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+
+from alignment.merging import co_merge_layer
+from models.merge_calibration import co_merge_adapters, expert_factors, input_activation_means, lora_layers
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=8)
+
+
+def add_expert(unet, name: str, rank: int, seed: int) -> None:
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False),
+                     adapter_name=name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(unet, name).values():
+            layer.lora_B[name].weight.copy_(0.1 * torch.randn(layer.lora_B[name].weight.shape, generator=g))
+
+
+def calibration(unet):
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 16, generator=g))
+
+    def run():
+        with torch.no_grad():
+            unet(batch[0], batch[1], encoder_hidden_states=batch[2])
+    return run, batch
+
+
+def test_merged_adapter_is_the_co_merge_of_the_experts():
+    unet = tiny_unet()
+    add_expert(unet, "expert_a", 2, 1)
+    add_expert(unet, "expert_b", 3, 2)
+    run, _ = calibration(unet)
+    mu = {e: input_activation_means(unet, e, run) for e in ("expert_a", "expert_b")}
+    errors = co_merge_adapters(unet, ["expert_a", "expert_b"], run)
+    layers = lora_layers(unet, "merged")
+    assert set(errors) == set(layers) | {"mean", "max"}
+    for name, layer in layers.items():
+        assert layer.r["merged"] == 5  # r* = sum of the experts' ranks
+        want = co_merge_layer([expert_factors(layer, "expert_a"), expert_factors(layer, "expert_b")],
+                              [mu["expert_a"][name], mu["expert_b"][name]], rank=5)
+        assert torch.allclose(expert_factors(layer, "merged").delta(), want.factors.delta(), atol=1e-5)
+        assert errors[name] == pytest.approx(want.relative_error, abs=1e-9)
+        assert 0 <= errors[name] < 1
+
+
+def test_one_expert_merges_to_itself_in_the_model_output():
+    unet = tiny_unet()
+    add_expert(unet, "expert_a", 4, 5)
+    run, (x, t, c) = calibration(unet)
+    with torch.no_grad():
+        unet.set_adapter("expert_a")
+        expected = unet(x, t, encoder_hidden_states=c).sample
+        errors = co_merge_adapters(unet, ["expert_a"], run)
+        unet.set_adapter("merged")
+        got = unet(x, t, encoder_hidden_states=c).sample
+    assert errors["max"] < 1e-6
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_experts_on_different_layers_are_refused():
+    unet = tiny_unet()
+    add_expert(unet, "expert_a", 2, 1)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), adapter_name="expert_b")
+    run, _ = calibration(unet)
+    with pytest.raises(ValueError, match="adapt different layers"):
+        co_merge_adapters(unet, ["expert_a", "expert_b"], run)
