@@ -78,10 +78,8 @@ def build_callbacks(cfg: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Build the task's module and data from ``cfg``, fit, and return the final logged metrics."""
+    """Run the task ``cfg.task.runner`` (fit, merge, ...) and return its final metrics."""
     import lightning as L
-    from hydra.utils import instantiate
-
     from hydra.utils import get_method
 
     from data.errors import InputError
@@ -90,6 +88,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if missing:
         raise InputError(f"config key {missing[0]} must be set (e.g. {missing[0]}=...); unset: {', '.join(missing)}")
     L.seed_everything(cfg.seed, workers=True)
+    return get_method(cfg.task.runner)(cfg)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """The runner of the tasks that fit a LightningModule: ``cfg.task.builder`` makes it and its data."""
+    import lightning as L
+    from hydra.utils import get_method, instantiate
+
     module, datamodule = get_method(cfg.task.builder)(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")),
                                      callbacks=build_callbacks(cfg.get("callbacks")), default_root_dir=cfg.output_dir)

@@ -76,3 +76,59 @@ def test_experts_on_different_layers_are_refused():
     run, _ = calibration(unet)
     with pytest.raises(ValueError, match="adapt different layers"):
         co_merge_adapters(unet, ["expert_a", "expert_b"], run)
+
+
+def _save_toy_expert(directory, targets, rank, seed):
+    from diffusers import UNet2DConditionModel as UNet
+
+    from models.lora_io import save_unet_lora
+
+    unet = UNet.from_pretrained(ROOT / "assets" / "toy" / "sd" / "unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False),
+                     adapter_name="default")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(unet, "default").values():
+            layer.lora_B["default"].weight.copy_(0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
+    return save_unet_lora(unet, directory, "default").parent
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_merge_task_on_saved_experts_writes_a_lora_diffusers_loads(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from diffusers import StableDiffusionPipeline
+
+    a = _save_toy_expert(tmp_path / "expert_a", ["attn2.to_k", "attn2.to_v"], 2, 1)
+    b = _save_toy_expert(tmp_path / "expert_b", ["attn2.to_k", "attn2.to_v"], 3, 2)
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "task=merge", f"merge.experts=[{a},{b}]", f"hydra.run.dir={out}",
+           "merge.calibration_prompts=8", "data.reader.images_per_prompt=1", f"data.cache_dir={tmp_path / 'cache'}",
+           "logger=none"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "merged" / "merge_report.json").read_text())
+    assert report["rank"] == 5 and 0 <= report["relative_svd_error"]["max"] < 1
+
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    before = pipe("a red star on gray", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    pipe.load_lora_weights(out / "merged")
+    after = pipe("a red star on gray", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+    assert abs(after - before).max() > 1e-3
+
+    c = _save_toy_expert(tmp_path / "expert_c", ["attn1.to_q"], 2, 3)
+    result = subprocess.run(cmd[:3] + [f"merge.experts=[{a},{c}]"] + cmd[4:], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: merge.experts[1]:") and "adapts other layers" in last
+    assert "Traceback" not in result.stderr

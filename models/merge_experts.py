@@ -1,0 +1,114 @@
+"""Merge LoRA experts saved in diffusers format (by this project or elsewhere) into one LoRA.
+
+    python train.py task=merge merge.experts=[outputs/.../expert_violence,outputs/.../expert_hate]
+
+The experts load into the base UNet as named adapters; calibration runs the UNet on noised latents of
+the chosen data's pairs (random timesteps, fixed seed); the merged adapter is saved in diffusers
+format with its per-layer SVD errors in ``merge_report.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from data.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def load_experts(unet, experts: list[str | Path]) -> list[str]:
+    """Load each expert file as adapter ``expert_<i>_<dir name>``; refuse experts that adapt different
+    layers or shapes, with the file named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from models.lora_io import LORA_WEIGHT_NAME
+
+    names, reference = [], None
+    for i, expert in enumerate(experts):
+        path = Path(expert).expanduser()
+        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+        try:
+            state = load_file(str(file))
+        except (FileNotFoundError, SafetensorError, OSError) as error:
+            raise InputError(f"merge.experts[{i}]: cannot read LoRA {file} ({str(error).splitlines()[0]})") from None
+        shapes = {k: tuple(v.shape) for k, v in state.items() if "lora" in k and k.endswith("weight")}
+        if reference is None:
+            reference = (file, shapes)
+        elif set(shapes) != set(reference[1]):
+            raise InputError(f"merge.experts[{i}]: {file} adapts other layers than {reference[0]}")
+        else:
+            # ranks may differ (down/A: [r, in], up/B: [out, r]); the layer sizes may not
+            fixed = lambda k, shape: shape[1] if ("lora_A" in k or "lora.down" in k) else shape[0]  # noqa: E731
+            bad = next((k for k in shapes if fixed(k, shapes[k]) != fixed(k, reference[1][k])), None)
+            if bad:
+                raise InputError(f"merge.experts[{i}]: {file} layer {bad} has shape {shapes[bad]}, "
+                                 f"{reference[0]} has {reference[1][bad]}")
+        name = f"expert_{i}_{path.stem if path.is_file() else path.name}".replace(".", "_")
+        try:
+            unet.load_lora_adapter(str(file.parent), weight_name=file.name, adapter_name=name, prefix="unet")
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise InputError(f"merge.experts[{i}]: {file} does not fit the base UNet ({str(error).splitlines()[0]})") from None
+        names.append(name)
+    return names
+
+
+def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed: int) -> Callable[[], None]:
+    """Forward passes on ``num_prompts`` pairs' winner and loser latents at uniform random timesteps."""
+    datamodule.setup("fit")
+    dataset = datamodule.train_set
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(dataset), generator=generator)[:num_prompts].tolist()
+    items = [dataset[i] for i in picks]
+    latents = torch.cat([torch.stack([it["latents_w"] for it in items]),
+                         torch.stack([it["latents_l"] for it in items if "latents_l" in it] or [items[0]["latents_w"][:0]])])
+    cond = torch.stack([it["prompt_embeds"] for it in items])
+    cond = cond.repeat(latents.shape[0] // cond.shape[0], 1, 1)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
+
+    def run() -> None:
+        with torch.no_grad():
+            for start in range(0, len(noisy), 16):
+                unet(noisy[start:start + 16].to(unet.device), t[start:start + 16].to(unet.device),
+                     encoder_hidden_states=cond[start:start + 16].to(unet.device))
+    return run
+
+
+def run_merge(cfg: DictConfig) -> dict[str, float]:
+    from hydra.utils import instantiate
+
+    from metrics.reporting import atomic_write
+    from models.components import load_components
+    from models.encoders import ConditionEncoder
+    from models.lora_io import save_unet_lora
+    from models.merge_calibration import co_merge_adapters
+
+    mc = cfg.merge
+    if mc.method != "co_merge":
+        raise InputError(f"merge.method: {mc.method!r} is not available yet; available: co_merge")
+    if not mc.experts:
+        raise InputError("merge.experts: give the saved expert LoRAs (directories or .safetensors files)")
+    m = cfg.model
+    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                                 local_files_only=m.local_files_only)
+    unet = components.unet
+    names = load_experts(unet, list(mc.experts))
+    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
+                             resolution=int(m.resolution or components.resolution))
+    run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed)
+    errors = co_merge_adapters(unet, names, run, merged_name="merged", rank=mc.rank)
+    out = Path(mc.output_dir)
+    path = save_unet_lora(unet, out, "merged")
+    report = {"experts": [str(e) for e in mc.experts], "method": mc.method, "rank": unet.peft_config["merged"].r,
+              "relative_svd_error": errors}
+    atomic_write(out / "merge_report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    log.info("merged LoRA written to %s (relative SVD error mean %.3g, max %.3g)", path, errors["mean"], errors["max"])
+    print(f"merged {len(names)} experts with {mc.method}: {path} (rank {report['rank']}, "
+          f"relative SVD error mean {errors['mean']:.3g}, max {errors['max']:.3g})")
+    return {"svd_error_mean": errors["mean"], "svd_error_max": errors["max"]}
