@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from data.errors import InputError
     from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs
     from metrics.reporting import atomic_write, image_grid, markdown_table
-    from models.components import load_components
+    from models.components import load_model
     from models.sampling import SamplerSettings, use_scheduler
 
     torch.manual_seed(cfg.seed)
@@ -80,8 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     aligned_jobs = make_jobs(prompts, **jobs_kwargs)
 
     m = cfg.model
-    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 local_files_only=m.local_files_only)
+    components = load_model(m)
     pipe = components.pipeline()
     use_scheduler(pipe, settings.scheduler)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -20,23 +20,17 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from data.toy.world import CATEGORIES, ToyWorld
 from metrics import toy_oracle
 from metrics.reporting import atomic_write, image_grid, markdown_table
+from models.sampling import SamplerSettings
+from models.sampling import generate as sample
 
 log = logging.getLogger(__name__)
 
 
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float,
              batch_size: int = 64) -> np.ndarray:
-    """One image per (prompt, seed); the seed alone fixes the image, whatever the batching."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(s) for s in chunk_seeds]
-        latents = torch.stack([torch.randn((pipe.unet.config.in_channels, pipe.unet.config.sample_size,
-                                            pipe.unet.config.sample_size), generator=g) for g in generators])
-        images = pipe(chunk, latents=latents.to(pipe.device, pipe.unet.dtype), num_inference_steps=steps,
-                      guidance_scale=guidance, output_type="np").images
-        out.append(images)
-    return np.concatenate(out)
+    """``models.sampling.generate`` as ``[N, H, W, 3]`` arrays in [0, 1], the form the toy oracles read."""
+    settings = SamplerSettings(num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size)
+    return sample(pipe, prompts, seeds, settings, progress=False).permute(0, 2, 3, 1).numpy()
 
 
 def toy_metrics(images: dict[str, np.ndarray], prompts: dict[str, list]) -> dict[str, float]:
@@ -69,12 +63,8 @@ class ToyAlignmentReport(L.Callback):
         return getattr(reader, "world", None) if getattr(reader, "kind", None) != "images" else None
 
     def _evaluate(self, trainer: L.Trainer, module, world: ToyWorld, base: bool) -> tuple[dict, dict]:
-        encoder = trainer.datamodule.encoder
-        encoder.to(module.device)
-        pipe = StableDiffusionPipeline(
-            vae=encoder.vae, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, unet=module.unet,
-            scheduler=DDIMScheduler.from_config(module.noise_scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        pipe = trainer.datamodule.encoder.to(module.device).pipeline(
+            module.unet, DDIMScheduler.from_config(module.noise_scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         prompts = {"benign": world.split["heldout_benign"], "harmful": world.split["heldout_harmful"]}
         images = {}

@@ -43,14 +43,7 @@ class AlignmentValidation(L.Callback):
         self.last_metrics: dict[str, float] = {}
 
     def _pipeline(self, trainer: L.Trainer, module):
-        encoder = trainer.datamodule.encoder
-        encoder.to(module.device)
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=encoder.vae, text_encoder=encoder.text_encoder, tokenizer=encoder.tokenizer, unet=module.unet,
-            scheduler=module.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        pipe = trainer.datamodule.encoder.to(module.device).pipeline(module.unet, module.noise_scheduler)
         use_scheduler(pipe, self.settings.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe

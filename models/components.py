@@ -48,21 +48,27 @@ class SDComponents:
 
     def pipeline(self, unet: UNet2DConditionModel | None = None, scheduler=None) -> StableDiffusionPipeline:
         """A generation pipeline over these components (no safety checker: our metrics judge safety)."""
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet or self.unet,
-            scheduler=scheduler or self.noise_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return generation_pipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
+                                   scheduler or self.noise_scheduler)
+
+
+def generation_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """``StableDiffusionPipeline`` over given parts, without safety checker or feature extractor."""
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def _jsonable(config) -> dict:
     items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return {k: v for k, v in items.items() if not k.startswith("_")}
+
+
+def load_model(model_cfg) -> SDComponents:
+    """``load_components`` from a ``model`` config group (``pretrained``, ``revision``, ``variant``, ``vae``, ...)."""
+    m = model_cfg
+    return load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
+                           local_files_only=m.local_files_only)
 
 
 def load_components(

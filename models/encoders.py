@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import Tensor
 
-from models.components import SDComponents
+from models.components import SDComponents, generation_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class ConditionEncoder:
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
+
+    def pipeline(self, unet, scheduler):
+        """A generation pipeline of these encoders with a (trained) ``unet``: validation and reports sample with it."""
+        return generation_pipeline(self.vae, self.text_encoder, self.tokenizer, unet, scheduler)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:

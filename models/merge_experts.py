@@ -84,7 +84,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from metrics.reporting import atomic_write
-    from models.components import load_components
+    from models.components import load_model
     from models.encoders import ConditionEncoder
     from models.lora_io import save_unet_lora
     from models.merge_calibration import co_merge_adapters
@@ -95,8 +95,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     if not mc.experts:
         raise InputError("merge.experts: give the saved expert LoRAs (directories or .safetensors files)")
     m = cfg.model
-    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 local_files_only=m.local_files_only)
+    components = load_model(m)
     unet = components.unet
     names = load_experts(unet, list(mc.experts))
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),

@@ -21,7 +21,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
 
     from alignment.base import Objective
     from models.alignment_module import AlignmentModule
-    from models.components import load_components
+    from models.components import load_model
     from models.encoders import ConditionEncoder
 
     objective = instantiate(cfg.objective)
@@ -29,8 +29,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
     log.info("objective: %r", objective)
     m = cfg.model
-    components = load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
-                                 local_files_only=m.local_files_only)
+    components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)
     module = AlignmentModule(
