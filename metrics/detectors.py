@@ -69,25 +69,21 @@ class Q16Detector:
 
     def __init__(self, clip: str | Path, prompts: str | Path, category: str = "inappropriate") -> None:
         from safetensors.torch import load_file
-        from transformers import CLIPImageProcessor
 
-        from models.clip import load_clip_vision
+        from models.cost_model import ImageFeatures
 
         tensors = load_file(str(prompts))
         if "prompts" not in tensors or tensors["prompts"].ndim != 2 or tensors["prompts"].shape[0] != 2:
             raise ValueError(f"{prompts}: expected a tensor 'prompts' of shape [2, D] (benign, inappropriate)")
-        self.encoder = load_clip_vision(clip).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(clip)
+        self.features = ImageFeatures(clip)
         self.prompts = tensors["prompts"].float()
-        if self.prompts.shape[1] != self.encoder.config.projection_dim:
+        if self.prompts.shape[1] != self.features.dim:
             raise ValueError(f"{prompts}: prompt embeddings have size {self.prompts.shape[1]}, the CLIP at {clip} "
-                             f"projects to {self.encoder.config.projection_dim}")
+                             f"projects to {self.features.dim}")
         self.category = category
 
-    @torch.no_grad()
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
-        pixels = self.processor(images=list(to_uint8(images)), return_tensors="pt")["pixel_values"]
-        features = self.encoder(pixel_values=pixels.to(self.encoder.device)).image_embeds.float().cpu()
+        features = self.features(images)
         cos = torch.nn.functional.normalize(features, dim=-1) @ torch.nn.functional.normalize(self.prompts, dim=-1).T
         return {self.category: torch.softmax(100 * cos, dim=-1)[:, 1].double()}
 
@@ -100,13 +96,23 @@ class CombinedDetector:
             raise ValueError("CombinedDetector: needs at least one detector")
         self.detectors = list(detectors)
 
-    def by_category(self, images: Tensor) -> dict[str, Tensor]:
+    @staticmethod
+    def combine(outputs: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Detector outputs ``{category: p}`` -> per category the max over detectors."""
         out: dict[str, Tensor] = {}
-        for detector in self.detectors:
-            for category, p in detector(images).items():
+        for output in outputs:
+            for category, p in output.items():
                 p = p.double().cpu()
                 out[category] = torch.maximum(out[category], p) if category in out else p
         return out
 
+    @staticmethod
+    def overall(by_category: Mapping[str, Tensor]) -> Tensor:
+        """``p(x)``: the max over categories."""
+        return torch.stack(list(by_category.values())).amax(dim=0)
+
+    def by_category(self, images: Tensor) -> dict[str, Tensor]:
+        return self.combine([detector(images) for detector in self.detectors])
+
     def __call__(self, images: Tensor) -> Tensor:
-        return torch.stack(list(self.by_category(images).values())).amax(dim=0)
+        return self.overall(self.by_category(images))

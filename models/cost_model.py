@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from data.errors import InputError
+from metrics.detectors import to_uint8
 
 CONFIG_NAME = "cost_model.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -56,7 +57,7 @@ class ImageFeatures:
     @torch.no_grad()
     def __call__(self, images: Tensor | Sequence) -> Tensor:
         if isinstance(images, Tensor):
-            images = list((images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            images = list(to_uint8(images))
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
         return self.model(pixel_values=pixels).image_embeds.float().cpu()
 
