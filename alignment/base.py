@@ -78,6 +78,16 @@ def _standard_metrics(errors: PairErrors) -> dict[str, Tensor]:
     return out
 
 
+def add_sft_term(loss: Tensor, metrics: dict[str, Tensor], errors: PairErrors, weight: float) -> Tensor:
+    """``loss + weight * mean(e_theta(x_w))``: the ``sft`` loss on winners as a regularizer (SPEC 1.1);
+    logs it as ``sft_term``. Returns ``loss`` unchanged when ``weight`` is 0."""
+    if not weight:
+        return loss
+    sft = errors.policy_w.mean()
+    metrics["sft_term"] = sft.detach()
+    return loss + weight * sft
+
+
 def preference_metrics(h: Tensor) -> dict[str, Tensor]:
     """Diagnostics of an implicit reward margin ``h``."""
     h = h.detach()

@@ -5,7 +5,7 @@ from typing import Any, Literal, Mapping
 
 import torch.nn.functional as F
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, preference_metrics
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
 
@@ -38,8 +38,4 @@ class DPO(Objective):
         else:
             per_pair = (-errors.delta() - 1 / (2 * self.beta)) ** 2
         loss, metrics = per_pair.mean(), preference_metrics(h)
-        if self.sft_weight:
-            sft = errors.policy_w.mean()
-            loss = loss + self.sft_weight * sft
-            metrics["sft_term"] = sft.detach()
-        return ObjectiveOutput(loss, metrics)
+        return ObjectiveOutput(add_sft_term(loss, metrics, errors, self.sft_weight), metrics)

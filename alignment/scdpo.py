@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, preference_metrics
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
 
 
 def focusing_weights(shifted_margin: Tensor, gamma: float, normalize: bool = True) -> Tensor:
@@ -54,8 +54,4 @@ class SCDPO(Objective):
         loss = (w * -F.logsigmoid(shifted)).mean()
         metrics = {**preference_metrics(h), "safety_margin": m.detach().mean(), "dfm_weight_max": w.max().detach(),
                    "shifted_acc": (shifted.detach() > 0).float().mean()}
-        if self.sft_weight:
-            sft = errors.policy_w.mean()
-            loss = loss + self.sft_weight * sft
-            metrics["sft_term"] = sft.detach()
-        return ObjectiveOutput(loss, metrics)
+        return ObjectiveOutput(add_sft_term(loss, metrics, errors, self.sft_weight), metrics)
