@@ -65,10 +65,9 @@ def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(dataset), generator=generator)[:num_prompts].tolist()
     items = [dataset[i] for i in picks]
-    latents = torch.cat([torch.stack([it["latents_w"] for it in items]),
-                         torch.stack([it["latents_l"] for it in items if "latents_l" in it] or [items[0]["latents_w"][:0]])])
-    cond = torch.stack([it["prompt_embeds"] for it in items])
-    cond = cond.repeat(latents.shape[0] // cond.shape[0], 1, 1)
+    sides = [(it["latents_w"], it["prompt_embeds"]) for it in items] + \
+            [(it["latents_l"], it["prompt_embeds"]) for it in items if "latents_l" in it]
+    latents, cond = torch.stack([z for z, _ in sides]), torch.stack([c for _, c in sides])
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
 
