@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ from data.readers.base import PairReader
 from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)
+CONDITIONS = ("unsafe", "safe", "both")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,6 +47,19 @@ class CachedPairDataset(Dataset):
         pair = self.pairs[index]
         item["meta"] = {"index": index, "categories": pair.categories, "extras": pair.extras}
         return item
+
+
+def condition_pairs(pairs: list[PreferencePair], condition_on: str) -> list[PreferencePair]:
+    """The prompts a pair is trained under (SPEC 2): its own (``unsafe``), its safe rewrite (``safe``),
+    or both (each pair twice). The safe rewrite is required for ``safe`` and ``both``."""
+    if condition_on == "unsafe":
+        return pairs
+    missing = next((p for p in pairs if not p.safe_prompt), None)
+    if missing is not None:
+        raise InputError(f"data.condition_on={condition_on}: {missing.source or 'a pair'} has no safe_prompt "
+                         f"(prompt {missing.prompt!r}); use condition_on=unsafe for data without safe rewrites")
+    rewritten = [replace(p, prompt=p.safe_prompt) for p in pairs]
+    return rewritten if condition_on == "safe" else pairs + rewritten
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -81,6 +96,7 @@ class PreferenceDataModule(L.LightningDataModule):
         encode_device: str = "auto",
         seed: int = 0,
         cost_model: str | Path | None = None,
+        condition_on: str = "unsafe",
     ) -> None:
         super().__init__()
         if cache_dtype not in CACHE_DTYPES:
@@ -96,6 +112,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
         self.cost_model = cost_model
+        if condition_on not in CONDITIONS:
+            raise InputError(f"data.condition_on: expected one of {', '.join(CONDITIONS)}, got {condition_on!r}")
+        self.condition_on = condition_on
         self._pairs: list[PreferencePair] | None = None
         self.train_set: CachedPairDataset | None = None
         self.val_set: CachedPairDataset | None = None
@@ -107,6 +126,7 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pairs = self.reader.read()
             if not self._pairs:
                 raise InputError(f"{self.reader}: the data holds no usable pairs")
+            self._pairs = condition_pairs(self._pairs, self.condition_on)
             if self.cost_model:
                 from data.costs import attach_costs
 

@@ -79,34 +79,54 @@ def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed
     return run
 
 
+def merge_methods(spec) -> list[str]:
+    """``merge.method`` as a list: one name, a list, or ``all`` (Co-Merge and every baseline)."""
+    from models.adapter_merging import METHODS
+
+    methods = list(METHODS) if spec == "all" else [spec] if isinstance(spec, str) else [str(m) for m in spec]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"merge.method: unknown {unknown or 'empty list'}; available: {', '.join(METHODS)} or all")
+    return methods
+
+
 def run_merge(cfg: DictConfig) -> dict[str, float]:
+    """Merge ``merge.experts`` with each of ``merge.method``; each result goes to ``merge.output_dir/<method>``."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from metrics.reporting import atomic_write
+    from models.adapter_merging import merge_adapters
     from models.components import load_model
     from models.encoders import ConditionEncoder
     from models.lora_io import save_unet_lora
-    from models.merge_calibration import co_merge_adapters
 
     mc = cfg.merge
-    if mc.method != "co_merge":
-        raise InputError(f"merge.method: {mc.method!r} is not available yet; available: co_merge")
+    methods = merge_methods(OmegaConf.to_container(mc.method) if OmegaConf.is_list(mc.method) else mc.method)
     if not mc.experts:
         raise InputError("merge.experts: give the saved expert LoRAs (directories or .safetensors files)")
     m = cfg.model
     components = load_model(m)
     unet = components.unet
     names = load_experts(unet, list(mc.experts))
-    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
-                             resolution=int(m.resolution or components.resolution))
-    run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed)
-    errors = co_merge_adapters(unet, names, run, merged_name="merged", rank=mc.rank)
-    out = Path(mc.output_dir)
-    path = save_unet_lora(unet, out, "merged")
-    report = {"experts": [str(e) for e in mc.experts], "method": mc.method, "rank": unet.peft_config["merged"].r,
-              "relative_svd_error": errors}
-    atomic_write(out / "merge_report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
-    log.info("merged LoRA written to %s (relative SVD error mean %.3g, max %.3g)", path, errors["mean"], errors["max"])
-    print(f"merged {len(names)} experts with {mc.method}: {path} (rank {report['rank']}, "
-          f"relative SVD error mean {errors['mean']:.3g}, max {errors['max']:.3g})")
-    return {"svd_error_mean": errors["mean"], "svd_error_max": errors["max"]}
+    run = None
+    if "co_merge" in methods:
+        datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
+                                 resolution=int(m.resolution or components.resolution))
+        run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed)
+    weights = OmegaConf.to_container(mc.weights) if mc.get("weights") is not None else None
+    metrics: dict[str, float] = {}
+    for method in methods:
+        torch.manual_seed(cfg.seed)  # the dare_* methods prune at random
+        errors = merge_adapters(unet, names, method, run, merged_name=method, rank=mc.rank, weights=weights,
+                                density=mc.density)
+        out = Path(mc.output_dir) / method
+        path = save_unet_lora(unet, out, method)
+        report = {"experts": [str(e) for e in mc.experts], "method": method, "rank": unet.peft_config[method].r}
+        if errors:
+            report["relative_svd_error"] = errors
+            metrics.update({f"{method}/svd_error_mean": errors["mean"], f"{method}/svd_error_max": errors["max"]})
+        atomic_write(out / "merge_report.json", lambda p, r=report: p.write_text(json.dumps(r, indent=2)))
+        extra = f", relative SVD error mean {errors['mean']:.3g}, max {errors['max']:.3g}" if errors else ""
+        print(f"merged {len(names)} experts with {method}: {path} (rank {report['rank']}{extra})")
+    return metrics

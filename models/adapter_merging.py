@@ -1,20 +1,23 @@
-"""Co-Merge on a peft-adapted UNet: calibration hooks, per-layer merge, and the merged adapter.
+"""Merging a UNet's LoRA experts into one new adapter: Co-Merge and peft's weighted-adapter baselines.
 
-For each expert the UNet runs the calibration batches with that expert alone active while forward
-hooks on every LoRA layer record the mean absolute input activation per input feature (``mu_k``).
-The per-layer math is ``alignment.merging``; the result becomes a new peft adapter of rank ``r*``.
+Co-Merge: for each expert the UNet runs the calibration batches with that expert alone active while
+forward hooks on every LoRA layer record the mean absolute input activation per input feature
+(``mu_k``). The per-layer math is ``alignment.merging``; the result becomes a new adapter of rank ``r*``.
+The baselines (SPEC 2) are peft's ``LoraModel.add_weighted_adapter``, run on the same UNet.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Sequence
 
 import torch
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import LoraLayer, LoraModel
 from torch import Tensor
 
 from alignment.merging import LoraFactors, co_merge_layer
+from data.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +96,52 @@ def co_merge_adapters(model: torch.nn.Module, experts: Sequence[str], run_calibr
     log.info("co-merge of %s: rank %d, relative SVD error mean %.3g max %.3g", list(experts), r_star,
              errors["mean"], errors["max"])
     return errors
+
+
+# combination types of peft's add_weighted_adapter compared in SPEC 2 (all but cat end in one SVD)
+PEFT_METHODS = ("linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+METHODS = ("co_merge",) + PEFT_METHODS
+
+
+def peft_merge_adapters(model: torch.nn.Module, experts: Sequence[str], method: str, merged_name: str = "merged",
+                        rank: int | None = None, weights: Sequence[float] | None = None,
+                        density: float = 0.5) -> None:
+    """Add adapter ``merged_name`` with ``LoraModel.add_weighted_adapter(combination_type=method)``.
+
+    A diffusers UNet carries its adapters without being a peft ``LoraModel``; peft's documented way to
+    reach its tuner methods on such a model is a ``LoraModel`` built over it, which shares the model's
+    ``peft_config``. Building one injects an adapter, so it gets a throwaway one that is deleted again.
+    ``rank`` (the ``*_svd`` methods) defaults to the sum of the experts' ranks, Co-Merge's ``r*``.
+    """
+    if method not in PEFT_METHODS:
+        raise InputError(f"merge.method: {method!r} is not a peft combination; available: {', '.join(PEFT_METHODS)}")
+    ranks = [model.peft_config[e].r for e in experts]
+    if method == "linear" and len(set(ranks)) > 1:
+        raise InputError(f"merge.method=linear needs experts of one rank; got ranks {ranks} (use svd or cat)")
+    weights = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(experts):
+        raise InputError(f"merge.weights: {len(weights)} weights for {len(experts)} experts")
+    targets = sorted(set().union(*(model.peft_config[e].target_modules for e in experts)))
+    host = "_weighted_merge_host"
+    with warnings.catch_warnings():  # peft warns that the model already has adapters: that is the point
+        warnings.simplefilter("ignore")
+        tuner = LoraModel(model, LoraConfig(r=1, target_modules=targets), host)
+        tuner.delete_adapter(host)
+    tuner.add_weighted_adapter(list(experts), weights, merged_name, combination_type=method,
+                               svd_rank=rank or sum(ranks), density=density)
+    log.info("%s merge of %s: rank %d", method, list(experts), model.peft_config[merged_name].r)
+
+
+def merge_adapters(model: torch.nn.Module, experts: Sequence[str], method: str,
+                   run_calibration: Callable[[], None] | None = None, merged_name: str = "merged",
+                   rank: int | None = None, weights: Sequence[float] | None = None,
+                   density: float = 0.5) -> dict[str, float]:
+    """Add ``merged_name`` by ``method`` (one of :data:`METHODS`); returns Co-Merge's SVD errors (else empty)."""
+    if method == "co_merge":
+        if run_calibration is None:
+            raise ValueError("co_merge needs calibration forward passes")
+        return co_merge_adapters(model, experts, run_calibration, merged_name, rank)
+    if method not in METHODS:
+        raise InputError(f"merge.method: unknown method {method!r}; available: {', '.join(METHODS)}")
+    peft_merge_adapters(model, experts, method, merged_name, rank, weights, density)
+    return {}

@@ -1,11 +1,13 @@
-"""Co-Merge on a real peft-adapted UNet: calibration hooks and the merged adapter (SPEC 2)."""
+"""Merging on a real peft-adapted UNet: Co-Merge (calibration hooks, merged adapter) and the peft baselines (SPEC 2)."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from alignment.merging import co_merge_layer
-from models.merge_calibration import co_merge_adapters, expert_factors, input_activation_means, lora_layers
+from data.errors import InputError
+from models.adapter_merging import (PEFT_METHODS, co_merge_adapters, expert_factors, input_activation_means, lora_layers,
+                                    merge_adapters)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -78,6 +80,29 @@ def test_experts_on_different_layers_are_refused():
         co_merge_adapters(unet, ["expert_a", "expert_b"], run)
 
 
+def test_peft_baselines_on_the_unet_sum_the_experts_where_exact():
+    """cat, and svd at rank r_a + r_b, represent dW_a + dW_b exactly; the pruning methods keep part of it."""
+    unet = tiny_unet()
+    add_expert(unet, "expert_a", 2, 1)
+    add_expert(unet, "expert_b", 3, 2)
+    for method in PEFT_METHODS[1:]:  # linear needs one rank
+        assert merge_adapters(unet, ["expert_a", "expert_b"], method, merged_name=method) == {}
+    for layer in lora_layers(unet, "expert_a").values():
+        want = layer.get_delta_weight("expert_a") + layer.get_delta_weight("expert_b")
+        for method in ("cat", "svd"):
+            assert layer.r[method] == 5
+            assert torch.allclose(layer.get_delta_weight(method), want, atol=1e-5), method
+        for method in ("ties_svd", "dare_ties_svd", "magnitude_prune_svd"):
+            assert not torch.allclose(layer.get_delta_weight(method), want, atol=1e-3), method
+    with pytest.raises(InputError, match="linear needs experts of one rank"):
+        merge_adapters(unet, ["expert_a", "expert_b"], "linear")
+    add_expert(unet, "expert_c", 2, 3)
+    merge_adapters(unet, ["expert_a", "expert_c"], "linear", merged_name="lin", weights=[0.5, 0.5])
+    assert all(layer.r["lin"] == 2 for layer in lora_layers(unet, "lin").values())
+    with pytest.raises(InputError, match="unknown method 'sum'"):
+        merge_adapters(unet, ["expert_a", "expert_c"], "sum")
+
+
 def _save_toy_expert(directory, targets, rank, seed):
     from diffusers import UNet2DConditionModel as UNet
 
@@ -109,21 +134,24 @@ def test_merge_task_on_saved_experts_writes_a_lora_diffusers_loads(tmp_path):
     b = _save_toy_expert(tmp_path / "expert_b", ["attn2.to_k", "attn2.to_v"], 3, 2)
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "task=merge", f"merge.experts=[{a},{b}]", f"hydra.run.dir={out}",
-           "merge.calibration_prompts=8", "data.reader.images_per_prompt=1", f"data.cache_dir={tmp_path / 'cache'}",
+           "merge.calibration_prompts=8", "merge.method=[co_merge,cat]", "data.reader.images_per_prompt=1", f"data.cache_dir={tmp_path / 'cache'}",
            "logger=none"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((out / "merged" / "merge_report.json").read_text())
+    report = json.loads((out / "merged" / "co_merge" / "merge_report.json").read_text())
     assert report["rank"] == 5 and 0 <= report["relative_svd_error"]["max"] < 1
+    assert json.loads((out / "merged" / "cat" / "merge_report.json").read_text())["rank"] == 5
 
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
     before = pipe("a red star on gray", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
-    pipe.load_lora_weights(out / "merged")
-    after = pipe("a red star on gray", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
-    assert abs(after - before).max() > 1e-3
+    for method in ("co_merge", "cat"):
+        pipe.load_lora_weights(out / "merged" / method, adapter_name=method)
+        pipe.set_adapters(method)
+        after = pipe("a red star on gray", generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+        assert abs(after - before).max() > 1e-3, method
 
     c = _save_toy_expert(tmp_path / "expert_c", ["attn1.to_q"], 2, 3)
     result = subprocess.run(cmd[:3] + [f"merge.experts=[{a},{c}]"] + cmd[4:], cwd=ROOT, capture_output=True,
