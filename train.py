@@ -96,9 +96,14 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from hydra.utils import get_method, instantiate
 
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
     module, datamodule = get_method(cfg.task.builder)(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=build_loggers(cfg.get("logger")),
-                                     callbacks=build_callbacks(cfg.get("callbacks")), default_root_dir=cfg.output_dir)
+    loggers = build_loggers(cfg.get("logger"))
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    if not loggers:  # logger=none: nothing to write learning rates to (Lightning would refuse the monitor)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=cfg.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d; outputs in %s", trainer.global_step, cfg.output_dir)
