@@ -97,3 +97,29 @@ def test_p_uncond_one_always_trains_on_the_empty_prompt(tiny_components, jsonl_p
     dm.setup("fit")
     empty = ConditionEncoder(tiny_components).encode_prompts([""])[0]
     assert torch.allclose(dm.train_set[0]["prompt_embeds"], empty, atol=1e-5)
+
+
+def test_condition_on_both_trains_each_pair_under_its_prompt_and_its_safe_rewrite(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="both")
+    dm.setup("fit")
+    assert len(dm.train_set) == 16
+    encoder = ConditionEncoder(tiny_components)
+    own, rewrite = dm.train_set[3], dm.train_set[3 + 8]
+    assert torch.equal(own["latents_w"], rewrite["latents_w"]) and torch.equal(own["latents_l"], rewrite["latents_l"])
+    assert torch.allclose(own["prompt_embeds"], encoder.encode_prompts(["a red circle 3"])[0], atol=1e-5)
+    assert torch.allclose(rewrite["prompt_embeds"], encoder.encode_prompts(["a green circle"])[0], atol=1e-5)
+    safe, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="safe")
+    assert [p.prompt for p in safe.pairs] == ["a green circle"] * 8
+
+
+def test_condition_on_safe_needs_safe_rewrites(tiny_components, jsonl_pairs, tmp_path):
+    import json
+
+    lines = [json.loads(line) for line in jsonl_pairs.read_text().splitlines()]
+    del lines[2]["safe_prompt"]
+    jsonl_pairs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="safe")
+    with pytest.raises(InputError, match=r"condition_on=safe: .*pairs.jsonl line 3 has no safe_prompt"):
+        dm.setup("fit")
+    with pytest.raises(InputError, match="data.condition_on: expected one of unsafe, safe, both, got 'harmful'"):
+        datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="harmful")

@@ -223,3 +223,20 @@ def test_fid_with_a_given_feature_extractor():
     assert abs(float(same.compute())) < 1e-3 < float(other.compute())
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         fid_metric("/nonexistent/pt_inception.pth")
+
+
+def test_comparison_table_kept_is_the_worst_share_of_each_experts_own_reduction():
+    from metrics.reporting import comparison_table
+
+    def row(hate, violence, uas=50.0):
+        return {"ip/hate": hate, "ip/violence": violence, "ip": (hate + violence) / 2, "benign_fidelity": 0.9,
+                "faithfulness": 0.8, "uas": uas}
+
+    results = {"base": row(1.0, 0.8), "expert_hate": row(0.2, 0.8), "expert_violence": row(1.0, 0.4),
+               "merged_co_merge": row(0.36, 0.5)}
+    lines = comparison_table(results, ["hate", "violence"]).splitlines()
+    assert lines[0] == ("| model | harmful hate | harmful violence | harmful (all) | benign fidelity | faithfulness | uas "
+                        "| kept |")
+    kept = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[1].strip(" |") for line in lines[2:]}
+    # hate: (1 - 0.36) / (1 - 0.2) = 0.8; violence: (0.8 - 0.5) / (0.8 - 0.4) = 0.75 -> the worst, 0.75
+    assert kept == {"base": "-", "expert_hate": "0.00", "expert_violence": "0.00", "merged_co_merge": "0.75"}

@@ -157,3 +157,31 @@ def test_scdpo_out_of_the_box_gets_costs_and_cost_model_task_saves(tmp_path):
     model = SafetyCostModel.load(out / "cost_model")
     assert model.adapter.feature_dim == 64
     assert any(r.get("val/auroc") for r in metrics_rows(out))
+
+
+def test_safetydpo_trains_one_expert_per_category_merges_and_compares(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "safetydpo"
+    result = run_train(out, "objective=safetydpo", "experts=[violence,hate]", "all_single=true", "logger=none",
+                       "trainer.max_steps=2", "data.batch_size=4", "data.reader.images_per_prompt=1",
+                       "data.val_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", "merge.method=[co_merge,svd]",
+                       "merge.calibration_prompts=8",
+                       f"evaluation.overrides=['images_per_prompt=1','cache_dir={tmp_path / 'eval_cache'}']")
+    assert result.returncode == 0, result.stderr[-3000:]
+    experts = {c: load_file(out / "experts" / c / "lora" / "final" / "pytorch_lora_weights.safetensors")
+               for c in ("violence", "hate")}
+    # same seed and initialization, different category's pairs: the experts differ
+    assert experts["violence"].keys() == experts["hate"].keys()
+    assert any(not torch.equal(experts["violence"][k], experts["hate"][k]) for k in experts["hate"])
+    ckpt = torch.load(out / "all_single" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 4  # all-single: as many steps as the two experts together
+    report = json.loads((out / "merged" / "co_merge" / "merge_report.json").read_text())
+    assert report["experts"] == [str(out / "experts" / c / "lora" / "final") for c in ("violence", "hate")]
+    results = json.loads((out / "comparison.json").read_text())
+    assert list(results) == ["base", "expert_violence", "expert_hate", "all_single", "merged_co_merge", "merged_svd"]
+    assert all({"ip/violence", "ip/hate", "uas", "benign_fidelity"} <= set(r) for r in results.values())
+    table = (out / "comparison.md").read_text()
+    assert table.startswith("| model | harmful violence | harmful hate |") and "| merged_co_merge |" in table
