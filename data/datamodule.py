@@ -14,6 +14,7 @@ from data.categories import normalize_category
 from data.errors import InputError
 from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
 from data.pairs import PreferencePair
+from data.sampling import ResumableSampler, distributed_rank
 from data.readers.base import PairReader
 from models.encoders import ConditionEncoder
 
@@ -189,13 +190,29 @@ class PreferenceDataModule(L.LightningDataModule):
         log.info("data: %d train pairs, %d val pairs (%s)", len(train), len(val), self.reader.stats)
 
     # ------------------------------------------------------------ dataloaders
+    def batches_trained(self) -> int:
+        """Batches this rank has trained on (a resumed run: the checkpoint's step times accumulation)."""
+        trainer = getattr(self, "trainer", None)
+        return 0 if trainer is None else int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          collate_fn=collate, drop_last=len(self.train_set) >= self.batch_size,
-                          persistent_workers=self.num_workers > 0)
+        """Shuffled by (seed, epoch), sharded over DDP ranks here (``use_distributed_sampler: false``),
+        continuing mid-epoch where a resumed run stopped."""
+        rank, world = distributed_rank()
+        sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
+        drop_last = sampler.per_rank >= self.batch_size
+        per_epoch = max(1, sampler.per_rank // self.batch_size if drop_last else -(-sampler.per_rank // self.batch_size))
+        epoch, position = divmod(self.batches_trained(), per_epoch)
+        sampler.start_epoch, sampler.epoch, sampler.skip = epoch, epoch, position * self.batch_size
+        if position:
+            log.info("resuming inside epoch %d: skipping its first %d batches", epoch, position)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate, drop_last=drop_last, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        rank, world = distributed_rank()
+        sampler = ResumableSampler(len(self.val_set), shuffle=False, rank=rank, world_size=world, even=False)
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate)

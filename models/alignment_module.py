@@ -20,6 +20,10 @@ from torch import Tensor
 from alignment.base import Objective, ObjectiveOutput, PairErrors
 from data.errors import InputError
 
+class NonFiniteLoss(InputError):
+    """The loss became NaN or infinite: training stops before the optimizer step, so no weights are corrupted."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,11 +43,13 @@ class AlignmentModule(L.LightningModule):
         t_max: int | None = None,
         gradient_checkpointing: bool = False,
         frozen_dtype: str = "float32",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.objective = objective
         self.noise_scheduler = noise_scheduler
         self.adapter_name = adapter_name
+        self.seed = int(seed)
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-5})
         self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
         num_train = noise_scheduler.config.num_train_timesteps
@@ -136,10 +142,29 @@ class AlignmentModule(L.LightningModule):
         return self.objective(self.pair_errors(batch, generator), batch.get("meta", {}))
 
     # ------------------------------------------------------------- lightning
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Timesteps and noise of a training batch from (seed, step, micro-batch, rank) alone: a run resumed
+        from a checkpoint draws what the uninterrupted run drew, and DDP ranks draw differently."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro = self.global_step * accumulate + batch_idx % accumulate
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + micro) * 4_099 + self.global_rank) % 2**63)
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop every rank (one all-reduce) when any rank's loss is not finite, naming the step and what survives."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+            last = getattr(callback, "last_model_path", "") or "none saved yet"
+            raise NonFiniteLoss(f"step {self.global_step}: the loss is not finite ({loss.detach().float().tolist()}); "
+                                f"training stopped before updating the weights; last good checkpoint: {last}")
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        out = self.compute(batch)
+        out = self.compute(batch, self.step_generator(batch_idx))
+        self.check_finite(out.loss)
         n = batch["latents_w"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, prog_bar=False, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, prog_bar=False, batch_size=n, sync_dist=True)
         self.log("loss", out.metrics["loss"], prog_bar=True, logger=False, batch_size=n)
         return out.loss
 

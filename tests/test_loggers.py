@@ -1,4 +1,5 @@
 """wandb goes offline unless credentials exist, so a run never blocks on the network."""
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
 import train
@@ -15,7 +16,7 @@ def test_wandb_offline_without_credentials(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     csv_logger, wandb_logger = train.build_loggers(CFG)
-    assert type(csv_logger).__name__ == "CSVLogger"
+    assert isinstance(csv_logger, CSVLogger)
     assert wandb_logger._offline is True
 
 
