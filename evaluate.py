@@ -87,12 +87,14 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if cfg.lora:
+        from models.lora_io import read_lora
+
         lora = Path(cfg.lora).expanduser()
         if not lora.exists():
             raise InputError(f"lora: {lora} not found (a directory with pytorch_lora_weights.safetensors, or the file)")
+        file, _ = read_lora(lora, "lora")
         try:
-            pipe.load_lora_weights(str(lora.parent if lora.is_file() else lora),
-                                   **({"weight_name": lora.name} if lora.is_file() else {}))
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name)
         except (ValueError, RuntimeError, KeyError, OSError) as error:
             raise InputError(f"lora: {lora} does not fit {m.pretrained}: {str(error).splitlines()[0]}") from None
 
@@ -165,5 +167,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    train.check_group_choices(sys.argv[1:])
+    train.check_group_choices(sys.argv[1:], "eval")
     main()

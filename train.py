@@ -141,9 +141,42 @@ def run_reporting_user_errors(job: Callable[[DictConfig], Any], cfg: DictConfig)
         sys.exit(2)
 
 
-def check_group_choices(argv: list[str]) -> None:
-    """Stop with one line on an unknown ``group=option`` before Hydra composes anything."""
-    problem = unknown_group_choice(argv)
+def unknown_config_key(argv: list[str], config_name: str) -> str | None:
+    """Compose the config with the command line's overrides (nothing runs) to catch a mistyped key, and
+    suggest the closest existing one. Hydra's own report of this spans several lines."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return None
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=overrides)
+            return None
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        key = getattr(cause, "full_key", None)
+        if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key:
+            return None  # not a key typo: Hydra reports it when it composes
+        parent, _, leaf = key.rpartition(".")
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            base = compose(config_name, overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        node = OmegaConf.select(base, parent) if parent else base
+        options = list(node.keys()) if isinstance(node, DictConfig) else []
+        if not parent:
+            options += [d.name for d in CONFIG_DIR.iterdir() if d.is_dir()]
+        match = difflib.get_close_matches(leaf, [str(o) for o in options], n=1)
+        hint = f" (did you mean {parent + '.' if parent else ''}{match[0]}?)" if match else f"; to add it, write +{key}=..."
+        return f"unknown config key {key}{hint}"
+
+
+def check_group_choices(argv: list[str], config_name: str = "train") -> None:
+    """Stop with one line on an unknown ``group=option`` or a mistyped key before Hydra runs anything."""
+    problem = unknown_group_choice(argv) or unknown_config_key(argv, config_name)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -98,6 +98,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         cost_model: str | Path | None = None,
         condition_on: str = "unsafe",
+        on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
         if cache_dtype not in CACHE_DTYPES:
@@ -116,6 +117,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if condition_on not in CONDITIONS:
             raise InputError(f"data.condition_on: expected one of {', '.join(CONDITIONS)}, got {condition_on!r}")
         self.condition_on = condition_on
+        if on_bad_sample not in ("error", "skip"):
+            raise InputError(f"data.on_bad_sample: expected error or skip, got {on_bad_sample!r}")
+        self.on_bad_sample = on_bad_sample
         self._pairs: list[PreferencePair] | None = None
         self.train_set: CachedPairDataset | None = None
         self.val_set: CachedPairDataset | None = None
@@ -127,12 +131,22 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pairs = self.reader.read()
             if not self._pairs:
                 raise InputError(f"{self.reader}: the data holds no usable pairs")
-            self._pairs = condition_pairs(self._pairs, self.condition_on)
+            self._pairs = condition_pairs(self._screen(self._pairs), self.condition_on)
             if self.cost_model:
                 from data.costs import attach_costs
 
                 attach_costs(self._pairs, self.cost_model, self.cache_dir)
         return self._pairs
+
+    def _screen(self, pairs: list[PreferencePair]) -> list[PreferencePair]:
+        """Pairs without a caption are an error, or with ``on_bad_sample=skip`` dropped and counted."""
+        bad = [p for p in pairs if not p.prompt or not p.prompt.strip()]
+        if bad and self.on_bad_sample == "error":
+            raise InputError(f"{bad[0].source or 'a pair'}: empty caption (prompt); fix it or set data.on_bad_sample=skip")
+        if bad:
+            log.warning("data.on_bad_sample=skip: dropped %d pair(s) with an empty caption (first: %s)",
+                        len(bad), bad[0].source)
+        return [p for p in pairs if p.prompt and p.prompt.strip()] if bad else pairs
 
     def selected_indices(self) -> list[int]:
         """Indices of pairs in ``categories`` (all pairs when no filter is set)."""
@@ -167,7 +181,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.encoder.to(device)
         try:
             build_cache(path.parent, self.pairs, self.encoder, self.resolution, self.center_crop,
-                        self.random_flip, CACHE_DTYPES[self.cache_dtype], self.encode_batch_size)
+                        self.random_flip, CACHE_DTYPES[self.cache_dtype], self.encode_batch_size,
+                        skip_bad=self.on_bad_sample == "skip")
         finally:
             self.encoder.to(original)
 
@@ -179,6 +194,14 @@ class PreferenceDataModule(L.LightningDataModule):
             self.prepare_data()
         cache = CacheReader(path)
         indices = self.selected_indices()
+        bad = int((~cache.valid).sum())
+        if bad:
+            first = cache.errors[0] if cache.errors else "unreadable image"
+            if self.on_bad_sample == "error":
+                raise InputError(f"{first} (the cache at {path.parent} was built with on_bad_sample=skip)")
+            log.warning("data.on_bad_sample=skip: skipped %d of %d pairs with unreadable images (first: %s)",
+                        bad, len(cache.valid), first)
+            indices = [i for i in indices if cache.valid[i]]
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = int(round(self.val_fraction * len(indices)))
         val = sorted(indices[i] for i in order[:n_val])

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from data.errors import InputError
 from data.pairs import PreferencePair, describe, load_rgb, preprocess
 from models.encoders import ConditionEncoder
 
@@ -43,17 +44,32 @@ def cache_key(encoder_fingerprint: str, pairs: Sequence[PreferencePair], resolut
 
 
 def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: ConditionEncoder, resolution: int,
-                center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8) -> Path:
-    """Encode every pair (and its mirror image when ``flip``) and every distinct prompt; write atomically."""
+                center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8, skip_bad: bool = False) -> Path:
+    """Encode every pair (and its mirror image when ``flip``) and every distinct prompt; write atomically.
+
+    An unreadable image stops the build with its one-line error, or with ``skip_bad`` marks the pair
+    invalid (``valid`` row 0, its error in the metadata) and stores zeros in its place.
+    """
     has_losers = all(p.image_l is not None for p in pairs)
     sides = ["w", "l"] if has_losers else ["w"]
     chunks: dict[str, list[torch.Tensor]] = {f"latents_{s}{m}": [] for s in sides for m in ([""] + (["_flip"] if flip else []))}
+    valid = torch.ones(len(pairs), dtype=torch.uint8)
+    errors: list[str] = []
+
+    def pixels_of(index: int, pair: PreferencePair, side: str) -> torch.Tensor:
+        try:
+            return preprocess(load_rgb(getattr(pair, f"image_{side}"), pair.source), resolution, center_crop)
+        except InputError as error:
+            if not skip_bad:
+                raise
+            valid[index] = 0
+            errors.append(str(error))
+            return torch.zeros(3, resolution, resolution)
+
     for start in tqdm(range(0, len(pairs), batch_size), desc="Caching latents", unit="batch"):
         batch = pairs[start:start + batch_size]
         for side in sides:
-            pixels = torch.stack([
-                preprocess(load_rgb(getattr(p, f"image_{side}"), p.source), resolution, center_crop) for p in batch
-            ])
+            pixels = torch.stack([pixels_of(start + k, p, side) for k, p in enumerate(batch)])
             chunks[f"latents_{side}"].append(encoder.encode_images(pixels).to(dtype).cpu())
             if flip:
                 chunks[f"latents_{side}_flip"].append(encoder.encode_images(pixels.flip(-1)).to(dtype).cpu())
@@ -65,10 +81,12 @@ def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: Condi
     tensors["prompt_embeds"] = torch.cat(embeds).contiguous()
     tensors["prompt_index"] = torch.tensor([lookup[p.prompt] for p in pairs], dtype=torch.int64)
     tensors["uncond_embeds"] = encoder.encode_prompts([""]).to(dtype).cpu().contiguous()
+    tensors["valid"] = valid
 
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{CACHE_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"pairs": str(len(pairs)), "version": str(CACHE_VERSION)})
+    save_file(tensors, str(tmp), metadata={"pairs": str(len(pairs)), "version": str(CACHE_VERSION),
+                                           "errors": json.dumps(errors[:20])})
     os.replace(tmp, directory / CACHE_FILE)
     log.info("latent cache written: %s (%d pairs, %d prompts)", directory, len(pairs), len(prompts))
     return directory / CACHE_FILE
@@ -85,6 +103,8 @@ class CacheReader:
             self.keys = set(f.keys())
             self.prompt_index = f.get_tensor("prompt_index")
             self.uncond = f.get_tensor("uncond_embeds")[0]
+            self.valid = f.get_tensor("valid").bool() if "valid" in self.keys else torch.ones(len(self.prompt_index), dtype=torch.bool)
+            self.errors: list[str] = json.loads((f.metadata() or {}).get("errors", "[]"))
 
     def _open(self):
         if self._handle is None or self._pid != os.getpid():

@@ -13,6 +13,22 @@ from peft.utils import get_peft_model_state_dict
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+def read_lora(path: str | Path, key: str) -> tuple[Path, dict]:
+    """The LoRA file at ``path`` (a directory holding it, or the file) and its tensors; an unreadable or
+    truncated file is one line naming the config ``key`` and the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from data.errors import InputError
+
+    path = Path(path).expanduser()
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    try:
+        return file, load_file(str(file))
+    except (FileNotFoundError, SafetensorError, OSError) as error:
+        raise InputError(f"{key}: cannot read LoRA {file} ({str(error).splitlines()[0]})") from None
+
+
 def save_unet_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_name: str = "default") -> Path:
     """Write one adapter of ``unet`` to ``directory/pytorch_lora_weights.safetensors``, atomically.
 

@@ -24,19 +24,12 @@ log = logging.getLogger(__name__)
 def load_experts(unet, experts: list[str | Path]) -> list[str]:
     """Load each expert file as adapter ``expert_<i>_<dir name>``; refuse experts that adapt different
     layers or shapes, with the file named."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from models.lora_io import LORA_WEIGHT_NAME
+    from models.lora_io import read_lora
 
     names, reference = [], None
     for i, expert in enumerate(experts):
         path = Path(expert).expanduser()
-        file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-        try:
-            state = load_file(str(file))
-        except (FileNotFoundError, SafetensorError, OSError) as error:
-            raise InputError(f"merge.experts[{i}]: cannot read LoRA {file} ({str(error).splitlines()[0]})") from None
+        file, state = read_lora(path, f"merge.experts[{i}]")
         shapes = {k: tuple(v.shape) for k, v in state.items() if "lora" in k and k.endswith("weight")}
         if reference is None:
             reference = (file, shapes)
