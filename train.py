@@ -147,7 +147,7 @@ def unknown_config_key(argv: list[str], config_name: str) -> str | None:
     import difflib
 
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, HydraException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     if any(arg in ("-m", "--multirun") for arg in argv):
@@ -156,22 +156,24 @@ def unknown_config_key(argv: list[str], config_name: str) -> str | None:
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             compose(config_name, overrides=overrides)
-            return None
+        return None
     except ConfigCompositionException as error:
         cause = error.__cause__
-        key = getattr(cause, "full_key", None)
-        if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key:
-            return None  # not a key typo: Hydra reports it when it composes
-        parent, _, leaf = key.rpartition(".")
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            base = compose(config_name, overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
-        node = OmegaConf.select(base, parent) if parent else base
-        options = list(node.keys()) if isinstance(node, DictConfig) else []
-        if not parent:
-            options += [d.name for d in CONFIG_DIR.iterdir() if d.is_dir()]
-        match = difflib.get_close_matches(leaf, [str(o) for o in options], n=1)
-        hint = f" (did you mean {parent + '.' if parent else ''}{match[0]}?)" if match else f"; to add it, write +{key}=..."
-        return f"unknown config key {key}{hint}"
+    except HydraException:
+        return None  # e.g. override syntax: Hydra's own message says what to write
+    key = getattr(cause, "full_key", None)
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key:
+        return None  # not a key typo: Hydra reports it when it composes
+    parent, _, leaf = key.rpartition(".")
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        base = compose(config_name, overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+    node = OmegaConf.select(base, parent) if parent else base
+    options = [str(o) for o in node.keys()] if isinstance(node, DictConfig) else []
+    if not parent:
+        options += [d.name for d in CONFIG_DIR.iterdir() if d.is_dir()]
+    match = difflib.get_close_matches(leaf, options, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{match[0]}?)" if match else f"; to add it, write +{key}=..."
+    return f"unknown config key {key}{hint}"
 
 
 def check_group_choices(argv: list[str], config_name: str = "train") -> None:
