@@ -95,7 +95,6 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     """The runner of the tasks that fit a LightningModule: ``cfg.task.builder`` makes it and its data."""
     import lightning as L
     from hydra.utils import get_method, instantiate
-
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     module, datamodule = get_method(cfg.task.builder)(cfg)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from data.errors import InputError
 from data.pairs import PreferencePair, describe, load_rgb
 from data.readers.base import PairReader
+from data.sampling import ResumableSampler, distributed_rank
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,12 @@ class CostFeatureDataModule(L.LightningDataModule):
         log.info("cost model data: %d training pairs, %d held-out pairs", len(self.train_set), len(self.val_set))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=False)
+        """Each DDP rank its own shard (``trainer.use_distributed_sampler`` is off, see data/sampling.py)."""
+        rank, world = distributed_rank()
+        sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256))
+        rank, world = distributed_rank()
+        sampler = ResumableSampler(len(self.val_set), shuffle=False, rank=rank, world_size=world, even=False)
+        return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), sampler=sampler)

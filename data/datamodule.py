@@ -14,8 +14,8 @@ from data.categories import normalize_category
 from data.errors import InputError
 from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
 from data.pairs import PreferencePair
-from data.sampling import ResumableSampler, distributed_rank
 from data.readers.base import PairReader
+from data.sampling import ResumableSampler, distributed_rank
 from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)

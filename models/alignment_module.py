@@ -20,6 +20,7 @@ from torch import Tensor
 from alignment.base import Objective, ObjectiveOutput, PairErrors
 from data.errors import InputError
 
+
 class NonFiniteLoss(InputError):
     """The loss became NaN or infinite: training stops before the optimizer step, so no weights are corrupted."""
 

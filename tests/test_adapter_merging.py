@@ -6,8 +6,14 @@ from peft import LoraConfig
 
 from alignment.merging import co_merge_layer
 from data.errors import InputError
-from models.adapter_merging import (PEFT_METHODS, co_merge_adapters, expert_factors, input_activation_means, lora_layers,
-                                    merge_adapters)
+from models.adapter_merging import (
+    PEFT_METHODS,
+    co_merge_adapters,
+    expert_factors,
+    input_activation_means,
+    lora_layers,
+    merge_adapters,
+)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

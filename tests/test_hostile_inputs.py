@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_latent_cache import datamodule
 
 from data.errors import InputError
-from test_latent_cache import datamodule
 
 ROOT = Path(__file__).resolve().parents[1]
 
