@@ -45,6 +45,8 @@ class AlignmentModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         frozen_dtype: str = "float32",
         seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -89,6 +91,11 @@ class AlignmentModule(L.LightningModule):
         unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        # The compiled callable is kept off the module tree (no second copy of the weights in state_dict);
+        # self.unet stays the plain module that adapters, exports and checkpoints see.
+        object.__setattr__(self, "_run_unet", torch.compile(unet) if compile else unet)
 
     # ----------------------------------------------------------------- errors
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -107,7 +114,8 @@ class AlignmentModule(L.LightningModule):
             self.unet.enable_adapters()
 
     def _per_sample_error(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor, target: Tensor) -> Tensor:
-        pred = unet(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        run = self._run_unet if unet is self.unet else unet
+        pred = run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
         return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
 
     def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> PairErrors:

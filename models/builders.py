@@ -28,6 +28,23 @@ TINY_VAE: dict[str, Any] = dict(
 TINY_TEXT: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
 )
+# The Stable Diffusion 1.5 architecture (published config values of its unet/, vae/ and text_encoder/),
+# for benchmarks: compute does not depend on the weights, so random ones measure the real thing.
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SD15_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=512,
+)
+SD15_TEXT: dict[str, Any] = dict(  # CLIP ViT-L/14 text tower (the vocabulary follows the tokenizer written)
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+    hidden_act="quick_gelu", projection_dim=768,
+)
 DDPM_SD: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",

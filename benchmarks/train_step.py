@@ -1,0 +1,265 @@
+"""Training-step and sampling throughput: the public Diffusion-DPO/SafetyDPO recipe against this project.
+
+    python benchmarks/train_step.py --model toy                        # CPU, the shipped toy pipeline
+    python benchmarks/train_step.py --model sd15-arch --batch 8 --device cuda --dtype bf16
+    python benchmarks/train_step.py --model sd15-arch --resolution 64 --batch 1 --steps 3   # GPU path, tiny, on CPU
+
+Both variants run in this process, side by side, on the same random-weight components and batches:
+
+* ``reference``: what the public train.py does every step: VAE-encode both images and text-encode the
+  prompt, run the LoRA policy UNet and a second, frozen UNet as the reference, fp16 autocast with a
+  gradient scaler on GPUs (fp32 on CPU), PyTorch SDPA attention, AdamW.
+* ``ours``: the project's training path, ``AlignmentModule.compute`` on cached latents and text
+  embeddings (what the DataLoader yields), the reference through disabled adapters (one UNet), plus the
+  switchable optimizations given by ``--ours`` (bf16, channels_last, fused AdamW, torch.compile).
+
+Each variant: ``--warmup`` steps, then ``--repeats`` timed runs of ``--steps`` steps; pairs/s is
+``batch * steps / time`` per run (median, min, max). On GPUs also peak memory, TFLOP/s and MFU (FLOPs of
+one step counted with ``torch.utils.flop_counter``). A last table gives sampling images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignment.dpo import DPO  # noqa: E402
+from models.alignment_module import AlignmentModule  # noqa: E402
+from models.components import SDComponents, load_components  # noqa: E402
+
+# dense bf16/fp16 tensor-core peak, TFLOP/s (NVIDIA datasheets, SXM parts)
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def components_for(model: str, tmp: Path) -> SDComponents:
+    if model == "toy":
+        return load_components(str(ROOT / "assets" / "toy" / "sd"))
+    from models.builders import SD15_TEXT, SD15_UNET, SD15_VAE, build_components
+
+    return build_components(tmp / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT,
+                            words=["a", "photo", "of", "red", "circle"])
+
+
+def make_batch(components: SDComponents, pairs: int, resolution: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What each variant's data loader hands over, in host memory: images and token ids for the reference;
+    cached latents and embeddings for ours."""
+    g = torch.Generator().manual_seed(seed)
+    ids = components.tokenizer(["a photo of a red circle"] * pairs, padding="max_length", truncation=True,
+                               max_length=components.tokenizer.model_max_length, return_tensors="pt").input_ids
+    latent = resolution // (2 ** (len(components.vae.config.block_out_channels) - 1))
+    with torch.no_grad():
+        embeds = components.text_encoder(ids[:1])[0].repeat(pairs, 1, 1)
+    return {
+        "pixels": torch.randint(0, 256, (2 * pairs, 3, resolution, resolution), generator=g, dtype=torch.uint8),
+        "input_ids": ids,
+        "latents_w": torch.randn(pairs, 4, latent, latent, generator=g),
+        "latents_l": torch.randn(pairs, 4, latent, latent, generator=g),
+        "prompt_embeds": embeds.float(),
+    }
+
+
+class Reference:
+    """The public recipe, rebuilt with our components (see module docstring)."""
+
+    def __init__(self, components: SDComponents, device: torch.device, beta: float) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+        from peft import LoraConfig
+
+        self.device, self.beta = device, beta
+        self.vae = copy.deepcopy(components.vae).requires_grad_(False).to(device)
+        self.text = copy.deepcopy(components.text_encoder).requires_grad_(False).to(device)
+        self.scheduler = components.noise_scheduler
+        self.ref = copy.deepcopy(components.unet).requires_grad_(False).to(device).eval()
+        self.policy = copy.deepcopy(components.unet).requires_grad_(False)
+        self.policy.add_adapter(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"],
+                                           init_lora_weights="gaussian"))
+        for unet in (self.ref, self.policy):
+            unet.set_attn_processor(AttnProcessor2_0())
+        self.policy.to(device).train()
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        fp16 = device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.float16) if fp16 else nullcontext()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        pixels = batch["pixels"].to(self.device, non_blocking=True).float().div(127.5).sub(1)
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        n = ids.shape[0]
+        with self.autocast:
+            with torch.no_grad():
+                latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+                cond = self.text(ids)[0].repeat(2, 1, 1)
+            noise = torch.randn_like(latents[:n]).repeat(2, 1, 1, 1)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=self.device).repeat(2)
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            pred = self.policy(noisy, t, encoder_hidden_states=cond).sample
+            with torch.no_grad():
+                ref = self.ref(noisy, t, encoder_hidden_states=cond).sample
+            err = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+            ref_err = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+            diff = (err[:n] - err[n:]) - (ref_err[:n] - ref_err[n:])
+            loss = -torch.nn.functional.logsigmoid(-self.beta * 0.5 * diff).mean()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Ours:
+    """The project's path: ``AlignmentModule`` (as ``train.py`` builds it) on cached latents."""
+
+    def __init__(self, components: SDComponents, device: torch.device, beta: float, options: set[str]) -> None:
+        self.device = device
+        bf16 = "bf16" in options
+        self.module = AlignmentModule(
+            copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
+            optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
+            channels_last="channels_last" in options, compile="compile" in options,
+        ).to(device)
+        self.optimizer = self.module.configure_optimizers()["optimizer"]
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in ("latents_w", "latents_l", "prompt_embeds")}
+        with self.autocast:
+            out = self.module.compute(on_device, self.generator)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_flops(step: Callable[[dict], None], batch: dict) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def measure(name: str, step: Callable[[dict], None], batch: dict, device: torch.device, pairs: int,
+            steps: int, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        step(batch)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(batch)
+        synchronize(device)
+        rates.append(pairs * steps / (time.perf_counter() - start))
+    row = {"variant": name, "median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        flops = step_flops(step, batch)
+        row["tflops"] = flops * row["median"] / pairs / 1e12
+        name_gpu = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name_gpu), None)
+        row["mfu"] = row["tflops"] / peak if peak else float("nan")
+    return row
+
+
+def sampling_rate(components: SDComponents, device: torch.device, scheduler: str, steps: int, batch: int,
+                  resolution: int) -> float:
+    from models.sampling import SamplerSettings, generate, use_scheduler
+
+    pipe = components.pipeline()
+    use_scheduler(pipe, scheduler)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    settings = SamplerSettings(scheduler=scheduler, num_inference_steps=steps, guidance_scale=7.5, batch_size=batch,
+                               height=resolution, width=resolution)
+    generate(pipe, ["a red circle"] * batch, list(range(batch)), settings, progress=False)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    generate(pipe, ["a red circle"] * batch, list(range(batch)), settings, progress=False)
+    synchronize(device)
+    return batch / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["toy", "sd15-arch"], default="toy")
+    parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ours", default="auto",
+                        help="comma list of bf16, channels_last, fused, compile; auto: bf16,channels_last,fused on GPUs, none on CPU")
+    parser.add_argument("--also", default="", help="extra 'ours' variants to time, ';'-separated option lists")
+    parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    options = ({"bf16", "channels_last", "fused"} if device.type == "cuda" else set()) if args.ours == "auto" \
+        else {o for o in args.ours.split(",") if o}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        components = components_for(args.model, Path(tmp))
+    resolution = args.resolution or components.resolution
+    batch = make_batch(components, args.batch, resolution)
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    beta = 5000.0
+    variants: list[tuple[str, Callable[[], object]]] = [
+        ("reference", lambda: Reference(components, device, beta)),
+        ("ours" + (f" [{','.join(sorted(options))}]" if options else ""), lambda: Ours(components, device, beta, options)),
+    ]
+    for extra in filter(None, args.also.split(";")):
+        opts = {o for o in extra.split(",") if o}
+        variants.append((f"ours [{','.join(sorted(opts))}]", lambda opts=opts: Ours(components, device, beta, opts)))
+    rows = []
+    for name, build in variants:
+        runner = build()
+        rows.append(measure(name, runner.step, batch, device, args.batch, args.steps, args.warmup, args.repeats))
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntraining step, dpo with LoRA r{LORA['rank']}, model {args.model} at {resolution} px, {args.batch} pairs/step, "
+          f"{device_name}, torch {torch.__version__}\n")
+    gpu = device.type == "cuda"
+    header = "| variant | pairs/s median | min | max | x reference |" + (" peak GiB | TFLOP/s | MFU |" if gpu else "")
+    print(header + "\n|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""))
+    base = rows[0]["median"]
+    for r in rows:
+        line = f"| {r['variant']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['median'] / base:.2f} |"
+        if gpu:
+            line += f" {r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['mfu']:.0%} |"
+        print(line)
+    print(f"\nsampling, {args.sampling_steps} steps, classifier-free guidance, batch {args.batch}:\n")
+    print("| scheduler | images/s |\n|---|---:|")
+    for scheduler in ("ddim", "dpm"):
+        rate = sampling_rate(components, device, scheduler, args.sampling_steps, args.batch, resolution)
+        print(f"| {scheduler} | {rate:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
