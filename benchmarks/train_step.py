@@ -70,6 +70,13 @@ def make_batch(components: SDComponents, pairs: int, resolution: int, seed: int 
     }
 
 
+def recipe_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> torch.Tensor:
+    """The public recipe's loss on per-sample errors ``[winners; losers]``, written as it writes it."""
+    n = err.shape[0] // 2
+    diff = (err[:n] - err[n:]) - (ref_err[:n] - ref_err[n:])
+    return -torch.nn.functional.logsigmoid(-beta * 0.5 * diff).mean()
+
+
 class Reference:
     """The public recipe, rebuilt with our components (see module docstring)."""
 
@@ -110,8 +117,7 @@ class Reference:
                 ref = self.ref(noisy, t, encoder_hidden_states=cond).sample
             err = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
             ref_err = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-            diff = (err[:n] - err[n:]) - (ref_err[:n] - ref_err[n:])
-            loss = -torch.nn.functional.logsigmoid(-self.beta * 0.5 * diff).mean()
+            loss = recipe_dpo_loss(err, ref_err, self.beta)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
