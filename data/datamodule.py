@@ -224,11 +224,9 @@ class PreferenceDataModule(L.LightningDataModule):
         rank, world = distributed_rank()
         sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
         drop_last = sampler.per_rank >= self.batch_size
-        per_epoch = max(1, sampler.per_rank // self.batch_size if drop_last else -(-sampler.per_rank // self.batch_size))
-        epoch, position = divmod(self.batches_trained(), per_epoch)
-        sampler.start_epoch, sampler.epoch, sampler.skip = epoch, epoch, position * self.batch_size
+        position = sampler.start_after(self.batches_trained(), self.batch_size, drop_last)
         if position:
-            log.info("resuming inside epoch %d: skipping its first %d batches", epoch, position)
+            log.info("resuming inside epoch %d: skipping its first %d batches", sampler.start_epoch, position)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate, drop_last=drop_last, persistent_workers=self.num_workers > 0)
 

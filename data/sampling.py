@@ -36,6 +36,14 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start_epoch, self.skip = start_epoch, start_epoch, skip
         self.per_rank = size // world_size if even else len(range(rank, size, world_size))
 
+    def start_after(self, batches_done: int, batch_size: int, drop_last: bool) -> int:
+        """Continue after ``batches_done`` batches of this rank (a resumed run); returns how many batches of
+        the epoch it lands in are skipped."""
+        per_epoch = max(1, self.per_rank // batch_size if drop_last else -(-self.per_rank // batch_size))
+        epoch, position = divmod(batches_done, per_epoch)
+        self.start_epoch, self.epoch, self.skip = epoch, epoch, position * batch_size
+        return position
+
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
         self.epoch = epoch

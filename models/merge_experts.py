@@ -73,7 +73,7 @@ def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed
 
 
 def merge_methods(spec) -> list[str]:
-    """``merge.method`` as a list: one name, a list, or ``all`` (Co-Merge and every baseline)."""
+    """``merge.method`` (one name, a list or ListConfig of names, or ``all``) as a list of method names."""
     from models.adapter_merging import METHODS
 
     methods = list(METHODS) if spec == "all" else [spec] if isinstance(spec, str) else [str(m) for m in spec]
@@ -95,7 +95,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     from models.lora_io import save_unet_lora
 
     mc = cfg.merge
-    methods = merge_methods(OmegaConf.to_container(mc.method) if OmegaConf.is_list(mc.method) else mc.method)
+    methods = merge_methods(mc.method)
     if not mc.experts:
         raise InputError("merge.experts: give the saved expert LoRAs (directories or .safetensors files)")
     m = cfg.model

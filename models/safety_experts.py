@@ -107,8 +107,7 @@ def run_experts(cfg: DictConfig) -> dict[str, float]:
         categories = list(cfg.data.categories or [])
     else:
         categories = expert_categories(cfg)
-        methods = merge_methods(OmegaConf.to_container(cfg.merge.method) if OmegaConf.is_list(cfg.merge.method)
-                                else cfg.merge.method)
+        methods = merge_methods(cfg.merge.method)
         log.info("SafetyDPO: %d experts (%s), then %s", len(categories), ", ".join(categories), ", ".join(methods))
         for category in categories:
             loras[f"expert_{category}"] = fit_stage(stage(cfg, out / "experts" / category, {
