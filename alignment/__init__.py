@@ -3,5 +3,6 @@ from alignment.base import Objective, ObjectiveOutput, PairErrors
 from alignment.dpo import DPO
 from alignment.scdpo import SCDPO
 from alignment.sft import SFT
+from alignment.spo import SPO
 
-__all__ = ["DPO", "SCDPO", "SFT", "Objective", "ObjectiveOutput", "PairErrors"]
+__all__ = ["DPO", "SCDPO", "SFT", "SPO", "Objective", "ObjectiveOutput", "PairErrors"]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from data.pairs import PreferencePair, describe
+from data.pairs import ImageRef, PreferencePair, describe
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def _cost_model_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def attach_costs(pairs: Sequence[PreferencePair], cost_model: str | Path, cache_dir: str | Path,
-                 batch_size: int = 64) -> Path:
-    """Set ``cost_w``/``cost_l`` on every pair (``cost_l`` only when it has a loser); returns the cache file."""
+def image_costs(images: Sequence[ImageRef], sources: Sequence[str], cost_model: str | Path, cache_dir: str | Path,
+                batch_size: int = 64, what: str = "costs") -> torch.Tensor:
+    """``C(x)`` of every image, ``[N]``, computed once per (cost model, images) and cached in ``cache_dir``."""
     from safetensors.torch import load_file, save_file
 
     from data.cost_data import encode_images
@@ -38,26 +38,27 @@ def attach_costs(pairs: Sequence[PreferencePair], cost_model: str | Path, cache_
 
     directory = Path(cost_model).expanduser()
     digest = hashlib.sha256(_cost_model_digest(directory).encode())
-    for p in pairs:
-        digest.update(f"{describe(p.image_w)}|{describe(p.image_l) if p.image_l is not None else ''}".encode())
+    for image in images:
+        digest.update(f"{describe(image)}|".encode())
     path = Path(cache_dir) / f"costs_{digest.hexdigest()[:20]}.safetensors"
     if path.is_file():
-        costs = load_file(str(path))
         log.info("cost cache hit: %s", path)
-    else:
-        model = SafetyCostModel.load(directory)
-        sources = [p.source for p in pairs]
-        with torch.no_grad():
-            cost_w = model(encode_images(model.features, [p.image_w for p in pairs], sources, batch_size, "costs (winners)"))
-            losers = [i for i, p in enumerate(pairs) if p.image_l is not None]
-            cost_l = torch.full((len(pairs),), float("nan"))
-            if losers:
-                cost_l[losers] = model(encode_images(model.features, [pairs[i].image_l for i in losers],
-                                                     [sources[i] for i in losers], batch_size, "costs (losers)"))
-        costs = {"cost_w": cost_w.float().contiguous(), "cost_l": cost_l.float().contiguous()}
-        atomic_write(path, lambda tmp: save_file(costs, str(tmp)))
+        return load_file(str(path))["cost"]
+    model = SafetyCostModel.load(directory)
+    with torch.no_grad():
+        costs = model(encode_images(model.features, list(images), list(sources), batch_size, what)).float().contiguous()
+    atomic_write(path, lambda tmp: save_file({"cost": costs}, str(tmp)))
+    return costs
+
+
+def attach_costs(pairs: Sequence[PreferencePair], cost_model: str | Path, cache_dir: str | Path,
+                 batch_size: int = 64) -> None:
+    """Set ``cost_w``/``cost_l`` on every pair (``cost_l`` only when it has a loser)."""
+    losers = [i for i, p in enumerate(pairs) if p.image_l is not None]
+    images = [p.image_w for p in pairs] + [pairs[i].image_l for i in losers]
+    sources = [p.source for p in pairs] + [pairs[i].source for i in losers]
+    costs = image_costs(images, sources, cost_model, cache_dir, batch_size, "costs").tolist()
     for i, p in enumerate(pairs):
-        p.extras["cost_w"] = float(costs["cost_w"][i])
-        if p.image_l is not None:
-            p.extras["cost_l"] = float(costs["cost_l"][i])
-    return path
+        p.extras["cost_w"] = costs[i]
+    for k, i in enumerate(losers):
+        pairs[i].extras["cost_l"] = costs[len(pairs) + k]

@@ -72,11 +72,14 @@ def test_costs_are_attached_and_cached(tmp_path):
     from data.costs import attach_costs
 
     pairs = ToyReader(kind="pairs", split="heldout", images_per_prompt=1).read()[:6]
-    path = attach_costs(pairs, TOY_COST, tmp_path)
-    assert path.is_file() and path.parent == tmp_path
+    attach_costs(pairs, TOY_COST, tmp_path)
+    cached = sorted(tmp_path.glob("costs_*.safetensors"))
+    assert len(cached) == 1
     assert all(p.extras["cost_l"] > p.extras["cost_w"] for p in pairs)
     again = ToyReader(kind="pairs", split="heldout", images_per_prompt=1).read()[:6]
-    assert attach_costs(again, TOY_COST, tmp_path) == path
+    stamp = cached[0].stat().st_mtime_ns
+    attach_costs(again, TOY_COST, tmp_path)
+    assert sorted(tmp_path.glob("costs_*.safetensors")) == cached and cached[0].stat().st_mtime_ns == stamp
     assert [p.extras["cost_w"] for p in again] == [p.extras["cost_w"] for p in pairs]
 
 

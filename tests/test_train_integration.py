@@ -185,3 +185,23 @@ def test_safetydpo_trains_one_expert_per_category_merges_and_compares(tmp_path):
     assert all({"ip/violence", "ip/hate", "uas", "benign_fidelity"} <= set(r) for r in results.values())
     table = (out / "comparison.md").read_text()
     assert table.startswith("| model | harmful violence | harmful hate |") and "| merged_co_merge |" in table
+
+
+def test_spo_out_of_the_box_and_build_dual_task(tmp_path):
+    out = tmp_path / "spo"
+    result = run_train(out, "objective=spo", "logger=csv", "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+                       "data.batch_size=8", "data.reader.images_per_prompt=1", "~callbacks.toy_report",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
+    # every toy dual pair is ordered by at least delta, so the reward margin is at least 0.1
+    assert rows and min(float(r["train/reward_margin"]) for r in rows) >= 0.1
+    assert (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+    out = tmp_path / "build"
+    result = run_train(out, "task=build_dual", "build.prompts.limit=1", "build.images_per_prompt=2",
+                       "build.sampler.num_inference_steps=4", "logger=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (out / "dataset" / "annotations.jsonl").read_text().splitlines()
+    assert len(lines) == 2 + 2 + 2  # one harmful prompt (2 + 2 safe-rewrite images), one benign prompt
+    assert "dual-annotated set: 2 prompts, 6 images" in result.stdout

@@ -6,6 +6,7 @@ from typing import Literal
 
 from PIL import Image
 
+from data.dual import AnnotatedImage, AnnotatedPrompt, Pairing, preference_pairs
 from data.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader
@@ -34,19 +35,26 @@ class ToyReader(PairReader):
     with the same jitter seed, carrying the safe prompt and category. ``kind=clean_pairs``: quality pairs
     under benign prompts (the prompt's own image preferred over an image with one attribute swapped for
     another benign value: higher fidelity wins). ``kind=scp``: SC-DPO's mix of the two, ``harmful_fraction``
-safety pairs (:class:`MixedReader`). ``kind=images``: every prompt of ``split`` (benign and
-    harmful) with its own image, for pretraining the base model.
+safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated data (:mod:`data.dual`):
+    per prompt, for each seed its own image, its safe rewrite's (harmful prompts) and a one-attribute
+    degraded image of the safe content, each scored by the exact oracles (``quality`` = fidelity to the
+    prompt, ``unsafe`` = harm probability), paired by composite reward. ``kind=images``: every prompt of
+    ``split`` (benign and harmful) with its own image, for pretraining the base model.
     """
 
-    def __init__(self, path: str | None = None, kind: Literal["pairs", "clean_pairs", "scp", "images"] = "pairs", split: str = "train",
-                 images_per_prompt: int = 8, world_seed: int = 0, harmful_fraction: float = 0.5) -> None:
-        if kind not in ("pairs", "clean_pairs", "scp", "images"):
-            raise InputError(f"data.reader.kind: expected pairs, clean_pairs, scp or images, got {kind!r}")
+    KINDS = ("pairs", "clean_pairs", "scp", "dual", "images")
+
+    def __init__(self, path: str | None = None, kind: Literal["pairs", "clean_pairs", "scp", "dual", "images"] = "pairs",
+                 split: str = "train", images_per_prompt: int = 8, world_seed: int = 0, harmful_fraction: float = 0.5,
+                 pairing: Pairing = "all", delta: float = 0.1, w_q: float = 1.0, w_s: float = 1.0) -> None:
+        if kind not in self.KINDS:
+            raise InputError(f"data.reader.kind: expected one of {', '.join(self.KINDS)}, got {kind!r}")
         if split not in ("train", "heldout"):
             raise InputError(f"data.reader.split: expected train or heldout, got {split!r}")
         self.world = ToyWorld(seed=world_seed)
         self.path, self.kind, self.split, self.images_per_prompt = path, kind, split, images_per_prompt
         self.harmful_fraction = harmful_fraction
+        self.pairing, self.delta, self.w_q, self.w_s = pairing, delta, w_q, w_s
         self.stats: dict[str, int] = {}
 
     def prompts(self, which: str) -> list[Prompt]:
@@ -63,6 +71,11 @@ safety pairs (:class:`MixedReader`). ``kind=images``: every prompt of ``split`` 
                                 harmful_fraction=self.harmful_fraction, seed=self.world.seed)
             pairs = mixed.read()
             self.stats = mixed.stats
+            return pairs
+        if self.kind == "dual":
+            groups = self.annotated()
+            pairs = preference_pairs(groups, self.pairing, self.delta, self.w_q, self.w_s)
+            self.stats = {"prompts": len(groups), "images": sum(len(g.images) for g in groups), "pairs": len(pairs)}
             return pairs
         if self.kind == "images":
             for prompt in self.prompts("benign") + self.prompts("harmful"):
@@ -87,6 +100,25 @@ safety pairs (:class:`MixedReader`). ``kind=images``: every prompt of ``split`` 
                     ))
         self.stats = {"pairs": len(pairs)}
         return pairs
+
+    def annotated(self) -> list[AnnotatedPrompt]:
+        """The dual-annotated groups of ``kind=dual``, scored by the exact oracles."""
+        from metrics import toy_oracle
+
+        groups: list[AnnotatedPrompt] = []
+        for prompt in self.prompts("harmful") + self.prompts("benign"):
+            content = prompt.safe_rewrite() if prompt.harmful else prompt
+            variants = [prompt] + ([content] if prompt.harmful else [])
+            shown = [(v, seed) for seed in range(self.images_per_prompt)
+                     for v in variants + [degraded(content, seed)]]
+            images = [self.world.render(v, seed) for v, seed in shown]
+            arrays = toy_oracle.to_uint8_array(images)
+            quality = toy_oracle.fidelity([prompt.text] * len(images), arrays)
+            unsafe = toy_oracle.harm_probability(arrays)
+            groups.append(AnnotatedPrompt(prompt.text, safe_prompt=content.text if prompt.harmful else None, images=[
+                AnnotatedImage(png_bytes(image), float(q), float(s), v.categories, f"toy {v.text} seed {seed}")
+                for image, q, s, (v, seed) in zip(images, quality, unsafe, shown)]))
+        return groups
 
     def __repr__(self) -> str:
         return f"ToyReader(kind={self.kind!r}, split={self.split!r})"
