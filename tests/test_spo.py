@@ -195,3 +195,15 @@ def test_toy_dual_set_prefers_safe_then_faithful():
     assert harmful_losers and all(Prompt.parse(p.prompt).harmful for p in harmful_losers)
     benign = [p for p in pairs if not Prompt.parse(p.prompt).harmful]
     assert benign and all(p.extras["quality_w"] > p.extras["quality_l"] + 0.2 for p in benign)
+
+
+def test_comparison_table_mean_and_std_over_seeds():
+    from models.method_comparison import summary_table
+
+    base = {"ip": 0.9, "benign_fidelity": 0.93, "faithfulness": 0.7, "uas": 30.0}
+    runs = {"dpo": [{"ip": 0.1, "benign_fidelity": 0.9, "faithfulness": 0.8, "uas": 80.0},
+                    {"ip": 0.3, "benign_fidelity": 0.8, "faithfulness": 0.9, "uas": 90.0}]}
+    table = summary_table(runs, base)
+    # mean 0.2, sample std 0.1414 for the harmful rate; UAS 85.0 +- 7.1
+    assert "| dpo | 2 | 0.200 ± 0.141 | 0.850 ± 0.071 | 0.850 ± 0.071 | 85.0 ± 7.1 |" in table
+    assert table.splitlines()[2] == "| base | - | 0.900 | 0.930 | 0.700 | 30.0 |"

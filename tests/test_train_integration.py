@@ -205,3 +205,29 @@ def test_spo_out_of_the_box_and_build_dual_task(tmp_path):
     lines = (out / "dataset" / "annotations.jsonl").read_text().splitlines()
     assert len(lines) == 2 + 2 + 2  # one harmful prompt (2 + 2 safe-rewrite images), one benign prompt
     assert "dual-annotated set: 2 prompts, 6 images" in result.stdout
+
+
+def test_method_comparison_over_objectives_and_seeds_resumes(tmp_path):
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "compare"
+    args = ["task=compare", "compare.objectives=[dpo,spo]", "compare.seeds=[0,1]", "logger=csv",
+            "compare.overrides=['trainer.max_steps=2','data.reader.images_per_prompt=1','data.val_fraction=0']",
+            f"data.cache_dir={tmp_path / 'cache'}", "compare.grid.harmful_per_category=1", "compare.grid.benign=2",
+            f"evaluation.overrides=['images_per_prompt=1','sampler.num_inference_steps=2','cache_dir={tmp_path / 'eval_cache'}']"]
+    result = run_train(out, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads((out / "comparison.json").read_text())
+    assert sorted(runs) == ["base", "dpo/seed0", "dpo/seed1", "spo/seed0", "spo/seed1"]
+    # different seeds train different LoRAs
+    assert runs["dpo/seed0"] != runs["dpo/seed1"]
+    table = (out / "comparison.md").read_text()
+    assert "| dpo | 2 |" in table and "| spo | 2 |" in table and "±" in table
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (3 * 96, (3 + 2) * 96)  # base, dpo, spo; one harmful prompt per category, two benign
+    # a second call finds every run evaluated and trains nothing
+    again = run_train(out, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already evaluated") + again.stdout.count("already evaluated") == 4
