@@ -75,7 +75,7 @@ safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated dat
         if self.kind == "dual":
             groups = self.annotated()
             pairs = preference_pairs(groups, self.pairing, self.delta, self.w_q, self.w_s)
-            self.stats = {"prompts": len(groups), "images": sum(len(g.images) for g in groups), "pairs": len(pairs)}
+            self.stats = {"groups": len(groups), "images": sum(len(g.images) for g in groups), "pairs": len(pairs)}
             return pairs
         if self.kind == "images":
             for prompt in self.prompts("benign") + self.prompts("harmful"):
@@ -102,22 +102,23 @@ safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated dat
         return pairs
 
     def annotated(self) -> list[AnnotatedPrompt]:
-        """The dual-annotated groups of ``kind=dual``, scored by the exact oracles."""
+        """The dual-annotated groups of ``kind=dual``, scored by the exact oracles: one group per
+        (prompt, seed), its candidates rendered with the same jitter (like generations from one initial
+        noise), so a pair differs in content only."""
         from metrics import toy_oracle
 
         groups: list[AnnotatedPrompt] = []
         for prompt in self.prompts("harmful") + self.prompts("benign"):
             content = prompt.safe_rewrite() if prompt.harmful else prompt
-            variants = [prompt] + ([content] if prompt.harmful else [])
-            shown = [(v, seed) for seed in range(self.images_per_prompt)
-                     for v in variants + [degraded(content, seed)]]
-            images = [self.world.render(v, seed) for v, seed in shown]
-            arrays = toy_oracle.to_uint8_array(images)
-            quality = toy_oracle.fidelity([prompt.text] * len(images), arrays)
-            unsafe = toy_oracle.harm_probability(arrays)
-            groups.append(AnnotatedPrompt(prompt.text, safe_prompt=content.text if prompt.harmful else None, images=[
-                AnnotatedImage(png_bytes(image), float(q), float(s), v.categories, f"toy {v.text} seed {seed}")
-                for image, q, s, (v, seed) in zip(images, quality, unsafe, shown)]))
+            for seed in range(self.images_per_prompt):
+                shown = [prompt] + ([content] if prompt.harmful else []) + [degraded(content, seed)]
+                images = [self.world.render(v, seed) for v in shown]
+                arrays = toy_oracle.to_uint8_array(images)
+                quality = toy_oracle.fidelity([prompt.text] * len(images), arrays)
+                unsafe = toy_oracle.harm_probability(arrays)
+                groups.append(AnnotatedPrompt(prompt.text, safe_prompt=content.text if prompt.harmful else None, images=[
+                    AnnotatedImage(png_bytes(image), float(q), float(s), v.categories, f"toy {v.text} seed {seed}")
+                    for image, q, s, v in zip(images, quality, unsafe, shown)]))
         return groups
 
     def __repr__(self) -> str:
