@@ -205,6 +205,13 @@ def test_spo_out_of_the_box_and_build_dual_task(tmp_path):
     lines = (out / "dataset" / "annotations.jsonl").read_text().splitlines()
     assert len(lines) == 2 + 2 + 2  # one harmful prompt (2 + 2 safe-rewrite images), one benign prompt
     assert "dual-annotated set: 2 prompts, 6 images" in result.stdout
+    # the built set trains as it is: data=dual reads it, pairs it and spo runs on it
+    result = run_train(tmp_path / "spo_on_built", "objective=spo", "data=dual", f"data.path={out / 'dataset'}",
+                       "data.reader.delta=0.0", "logger=csv", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+                       "data.batch_size=2", "data.val_fraction=0", "data.num_workers=0", "~callbacks.toy_report",
+                       f"data.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r for r in metrics_rows(tmp_path / "spo_on_built") if r.get("train/reward_margin")]
 
 
 def test_method_comparison_over_objectives_and_seeds_resumes(tmp_path):
