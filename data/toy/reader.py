@@ -35,8 +35,8 @@ class ToyReader(PairReader):
     with the same jitter seed, carrying the safe prompt and category. ``kind=clean_pairs``: quality pairs
     under benign prompts (the prompt's own image preferred over an image with one attribute swapped for
     another benign value: higher fidelity wins). ``kind=scp``: SC-DPO's mix of the two, ``harmful_fraction``
-safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated data (:mod:`data.dual`):
-    per prompt, for each seed its own image, its safe rewrite's (harmful prompts) and a one-attribute
+    safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated data (:mod:`data.dual`):
+    per prompt and seed its own image, its safe rewrite's (harmful prompts) and a one-attribute
     degraded image of the safe content, each scored by the exact oracles (``quality`` = fidelity to the
     prompt, ``unsafe`` = harm probability), paired by composite reward. ``kind=images``: every prompt of
     ``split`` (benign and harmful) with its own image, for pretraining the base model.
