@@ -30,5 +30,5 @@ def test_wandb_online_with_api_key(monkeypatch):
 
 def test_unknown_group_choice_checks_every_group():
     assert train.unknown_group_choice(["model=sd15", "objective=dpo,sft"]) is None
-    assert train.unknown_group_choice(["data=parquet"]).startswith("unknown data 'parquet'; available: coprov2, jsonl")
+    assert train.unknown_group_choice(["data=parquet"]).startswith("unknown data 'parquet'; available: coprov2, dual, jsonl")
     assert train.unknown_group_choice(["hydra.searchpath=[file:///x]", "objective=mine"]) is None

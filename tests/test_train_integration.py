@@ -124,7 +124,7 @@ def test_unknown_objective_is_one_short_line():
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "objective=nope"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert result.stderr.strip() == "error: unknown objective 'nope'; available: dpo, safetydpo, scdpo, sft"
+    assert result.stderr.strip() == "error: unknown objective 'nope'; available: dpo, safetydpo, scdpo, sft, spo"
     assert "Traceback" not in result.stdout + result.stderr
 
 
