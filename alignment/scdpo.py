@@ -19,6 +19,16 @@ def focusing_weights(shifted_margin: Tensor, gamma: float, normalize: bool = Tru
     return w
 
 
+def shifted_margin_loss(h: Tensor, m: Tensor, gamma: float, normalize: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """``mean(w * -log sigmoid(h - m))`` with DFM weights ``w`` on the shifted margin (``w = 1`` when
+    ``gamma = 0``), and its diagnostics; shared by ``scdpo`` (safety margin) and ``spo`` (reward margin)."""
+    shifted = h - m
+    w = focusing_weights(shifted, gamma, normalize) if gamma else torch.ones_like(h)
+    loss = (w * -F.logsigmoid(shifted)).mean()
+    return loss, {**preference_metrics(h), "dfm_weight_max": w.max().detach(),
+                  "shifted_acc": (shifted.detach() > 0).float().mean()}
+
+
 class SCDPO(Objective):
     """``L = mean(w * -log sigmoid(h - m))``, ``m = lambda_c * clip(C(x_l) - C(x_w), -m_max, m_max)``.
 
@@ -49,9 +59,6 @@ class SCDPO(Objective):
     def loss(self, errors: PairErrors, meta: Mapping[str, Any]) -> ObjectiveOutput:
         h = errors.margin(self.beta)
         m = self.safety_margin(meta, h)
-        shifted = h - m
-        w = focusing_weights(shifted, self.gamma, self.dfm_normalize) if self.gamma else torch.ones_like(h)
-        loss = (w * -F.logsigmoid(shifted)).mean()
-        metrics = {**preference_metrics(h), "safety_margin": m.detach().mean(), "dfm_weight_max": w.max().detach(),
-                   "shifted_acc": (shifted.detach() > 0).float().mean()}
+        loss, metrics = shifted_margin_loss(h, m, self.gamma, self.dfm_normalize)
+        metrics["safety_margin"] = m.detach().mean()
         return ObjectiveOutput(add_sft_term(loss, metrics, errors, self.sft_weight), metrics)

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
-from alignment.scdpo import focusing_weights
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term
+from alignment.scdpo import shifted_margin_loss
 
 
 class SPO(Objective):
@@ -43,9 +42,6 @@ class SPO(Objective):
     def loss(self, errors: PairErrors, meta: Mapping[str, Any]) -> ObjectiveOutput:
         h = errors.margin(self.beta)
         m = self.reward_margin(meta, h)
-        shifted = h - m
-        w = focusing_weights(shifted, self.gamma, self.dfm_normalize) if self.gamma else torch.ones_like(h)
-        loss = (w * -F.logsigmoid(shifted)).mean()
-        metrics = {**preference_metrics(h), "reward_margin": m.detach().mean(), "dfm_weight_max": w.max().detach(),
-                   "shifted_acc": (shifted.detach() > 0).float().mean()}
+        loss, metrics = shifted_margin_loss(h, m, self.gamma, self.dfm_normalize)
+        metrics["reward_margin"] = m.detach().mean()
         return ObjectiveOutput(add_sft_term(loss, metrics, errors, self.alpha), metrics)

@@ -5,26 +5,14 @@ import json
 import pytest
 import torch
 
-from alignment import DPO, SPO, PairErrors
+from alignment import DPO, SPO
 from data.dual import (AnnotatedImage, AnnotatedPrompt, DualAnnotatedReader, composite_reward, preference_pairs,
                        read_annotations)
 from data.errors import InputError
 from tests.conftest import ROOT, solid_image
+from tests.test_scdpo import errors
 
 TOY_COST = ROOT / "assets" / "toy" / "cost_model"
-
-
-def errors(requires_grad: bool = False) -> PairErrors:
-    e = PairErrors(
-        policy_w=torch.tensor([0.10, 0.20, 0.15], dtype=torch.float64),
-        policy_l=torch.tensor([0.30, 0.25, 0.10], dtype=torch.float64),
-        ref_w=torch.tensor([0.12, 0.18, 0.15], dtype=torch.float64),
-        ref_l=torch.tensor([0.28, 0.25, 0.12], dtype=torch.float64),
-    )
-    if requires_grad:
-        e.policy_w.requires_grad_(True)
-        e.policy_l.requires_grad_(True)
-    return e
 
 
 META = {"reward_w": torch.tensor([0.9, 0.5, 0.2]), "reward_l": torch.tensor([0.1, 0.4, -0.8])}
