@@ -15,7 +15,6 @@ keeps every pair with ``R_w - R_l >= delta``, ``extremes`` only best against wor
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Iterable, Literal, Sequence
 from data.categories import split_categories
 from data.errors import InputError
 from data.pairs import ImageRef, PreferencePair
-from data.readers.base import PairReader
+from data.readers.base import PairReader, image_file, jsonl_records
 
 Pairing = Literal["all", "extremes"]
 ANNOTATIONS_FILE = "annotations.jsonl"
@@ -91,27 +90,8 @@ def group_rows(rows: Iterable[tuple[str, dict[str, Any], ImageRef]]) -> list[Ann
 
 
 def read_jsonl(file: Path) -> list[AnnotatedPrompt]:
-    root = file.parent
-
-    def rows():
-        for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{file} line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            if not isinstance(row.get("image"), str):
-                raise InputError(f"{where}: key 'image' must be an image path (relative to {root})")
-            image = root / row["image"]
-            if not image.is_file():
-                raise InputError(f"{where}: image file not found: {image}")
-            yield where, row, image
-
-    return group_rows(rows())
+    return group_rows((where, row, image_file(file.parent, row.get("image"), "image", where))
+                      for where, row in jsonl_records(file))
 
 
 def read_parquet(file: Path) -> list[AnnotatedPrompt]:

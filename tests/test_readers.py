@@ -118,6 +118,18 @@ def test_jsonl_bad_line_is_named(tmp_path):
         JsonlReader(tmp_path).read()
 
 
+@pytest.mark.parametrize("line, message", [
+    ('["a list"]', r"line 2: expected a JSON object"),
+    ('{"prompt": "x", "chosen": "a.png", "rejected": 5}', r"line 2: key 'rejected' must be an image path"),
+    ('{"prompt": "x", "chosen": "a.png", "rejected": "gone.png"}', r"line 2: image file not found: .*gone\.png"),
+])
+def test_jsonl_bad_records_are_named(tmp_path, line, message):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "x", "chosen": "a.png"}\n' + line + "\n")
+    solid_image(tmp_path / "a.png", (1, 2, 3))
+    with pytest.raises(InputError, match=message):
+        JsonlReader(tmp_path).read()
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "I;16", "P"])
 def test_images_of_any_mode_become_rgb(tmp_path, mode):
     image = Image.new("RGB", (10, 6), (255, 128, 0)).convert(mode)

@@ -6,12 +6,10 @@ image-caption set), ``safe_prompt``, ``categories`` (list or comma-separated str
 """
 from __future__ import annotations
 
-import json
-
 from data.categories import split_categories
 from data.errors import InputError
 from data.pairs import PreferencePair
-from data.readers.base import PairReader
+from data.readers.base import PairReader, image_file, jsonl_records
 
 
 class JsonlReader(PairReader):
@@ -20,25 +18,12 @@ class JsonlReader(PairReader):
         if not file.is_file():
             raise InputError(f"{self.path}: expected a .jsonl file or a folder with pairs.jsonl")
         root, pairs = file.parent, []
-        for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{file} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: invalid JSON ({err.msg})") from None
+        for where, record in jsonl_records(file):
             for key in ("prompt", "chosen"):
                 if not isinstance(record.get(key), str):
                     raise InputError(f"{where}: key {key!r} must be a string")
-            images = {}
-            for key in ("chosen", "rejected"):
-                if record.get(key) is None:
-                    continue
-                image = root / record[key]
-                if not image.is_file():
-                    raise InputError(f"{where}: image file not found: {image}")
-                images[key] = image
+            images = {key: image_file(root, record[key], key, where)
+                      for key in ("chosen", "rejected") if record.get(key) is not None}
             cats = record.get("categories") or []
             categories = split_categories(",".join(cats) if isinstance(cats, list) else cats)
             pairs.append(PreferencePair(
