@@ -1,0 +1,32 @@
+"""Objective groups that choose their data group: the default works, and a data group given wins."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import train  # noqa: F401 - registers the ${repo:...} resolver
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("objective, kind", [("scdpo", "scp"), ("spo", "dual"), ("dpo", "pairs")])
+def test_objective_picks_its_toy_data(objective, kind):
+    cfg = composed(f"objective={objective}")
+    assert cfg.data.reader.kind == kind
+    assert cfg.data.batch_size == 32  # the toy recipe applied on top
+    if objective == "scdpo":
+        assert Path(OmegaConf.select(cfg, "data.cost_model")).name == "cost_model"
+
+
+@pytest.mark.parametrize("objective, data, reader", [("scdpo", "scp", "MixedReader"), ("spo", "dual", "DualAnnotatedReader")])
+def test_a_data_group_given_wins_over_the_objectives_choice(objective, data, reader):
+    cfg = composed(f"objective={objective}", f"data={data}")
+    assert cfg.data.reader._target_.endswith(reader)
+    assert "kind" not in cfg.data.reader
+    assert cfg.objective._target_.endswith(objective.upper())
