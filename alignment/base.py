@@ -18,12 +18,16 @@ class PairErrors:
     """Per-sample errors ``e(x) = mean_{C,H,W} (unet(z_t, t, c) - y)^2``, each of shape ``[B]``.
 
     ``policy_l``, ``ref_w`` and ``ref_l`` are ``None`` when the objective did not ask for them.
+    ``drift_w``/``drift_l`` are ``mean_{C,H,W} (unet_theta - unet_ref)^2``, how far the policy's prediction
+    moved from the reference's on the same input; only the benign anchor (:func:`benign_drift`) asks for them.
     """
 
     policy_w: Tensor
     policy_l: Tensor | None = None
     ref_w: Tensor | None = None
     ref_l: Tensor | None = None
+    drift_w: Tensor | None = None
+    drift_l: Tensor | None = None
 
     def margin(self, beta: float) -> Tensor:
         """Implicit reward margin ``h = -(beta / 2) * (d_w - d_l)``."""
@@ -86,6 +90,28 @@ def add_sft_term(loss: Tensor, metrics: dict[str, Tensor], errors: PairErrors, w
     sft = errors.policy_w.mean()
     metrics["sft_term"] = sft.detach()
     return loss + weight * sft
+
+
+def benign_mask(meta: Mapping[str, Any], n: int, device: torch.device) -> Tensor:
+    """Pairs whose prompt involves no harm category (``meta["categories"]`` empty): quality pairs under
+    clean prompts, benign groups of dual-annotated data. A batch without categories counts as all benign."""
+    categories = meta.get("categories")
+    if categories is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    return torch.tensor([not c for c in categories], dtype=torch.bool, device=device)
+
+
+def benign_drift(errors: PairErrors, meta: Mapping[str, Any]) -> Tensor:
+    """Mean prediction drift from the reference over the winners and losers of benign pairs (0 when the
+    batch has none): a regularizer that keeps what the model does for harmless prompts where it was, so
+    the safety update stays on the harmful concepts (the "anchor"/"preservation" loss of concept-erasure
+    methods, applied to any objective)."""
+    if errors.drift_w is None:
+        raise ValueError("benign_drift needs drift_w (the training loop computes it when the anchor weight is > 0)")
+    keep = benign_mask(meta, errors.drift_w.shape[0], errors.drift_w.device)
+    drifts = [errors.drift_w] + ([errors.drift_l] if errors.drift_l is not None else [])
+    per_pair = torch.stack(drifts).mean(0)
+    return (per_pair * keep).sum() / keep.sum().clamp(min=1)
 
 
 def preference_metrics(h: Tensor) -> dict[str, Tensor]:

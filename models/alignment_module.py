@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from torch import Tensor
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors
+from alignment.base import Objective, ObjectiveOutput, PairErrors, benign_drift
 from data.errors import InputError
 
 
@@ -47,6 +47,7 @@ class AlignmentModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
+        benign_anchor: float = 0.0,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -59,6 +60,9 @@ class AlignmentModule(L.LightningModule):
         self.t_min, self.t_max = int(t_min), int(num_train - 1 if t_max is None else t_max)
         if not 0 <= self.t_min <= self.t_max < num_train:
             raise InputError(f"model.t_min/t_max: expected 0 <= t_min <= t_max < {num_train}, got {self.t_min}, {self.t_max}")
+        if benign_anchor < 0:
+            raise InputError(f"model.benign_anchor: expected a number >= 0, got {benign_anchor}")
+        self.benign_anchor = float(benign_anchor)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
@@ -113,10 +117,13 @@ class AlignmentModule(L.LightningModule):
         finally:
             self.unet.enable_adapters()
 
-    def _per_sample_error(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor, target: Tensor) -> Tensor:
+    def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         run = self._run_unet if unet is self.unet else unet
-        pred = run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-        return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+    @staticmethod
+    def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+        return (a - b).pow(2).mean(dim=tuple(range(1, a.ndim)))
 
     def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> PairErrors:
         """Policy (and, if the objective asks, reference) errors for the batch's winners and losers."""
@@ -138,17 +145,27 @@ class AlignmentModule(L.LightningModule):
         z_t = self.noise_scheduler.add_noise(latents, eps, t)
         target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)
 
-        policy = self._per_sample_error(self.unet, z_t, t, cond, target)
-        ref = None
-        if self.objective.uses_reference:
+        target = target.float()
+        policy_pred = self._predict(self.unet, z_t, t, cond)
+        ref = drift = None
+        if self.objective.uses_reference or self.benign_anchor:
             with torch.no_grad(), self.reference() as ref_unet:
-                ref = self._per_sample_error(ref_unet, z_t, t, cond, target)
-        split = lambda e: (e, None) if e is None or not uses_losers else (e[:n_pairs], e[n_pairs:])  # noqa: E731
-        (p_w, p_l), (r_w, r_l) = split(policy), (split(ref) if ref is not None else (None, None))
-        return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l)
+                ref_pred = self._predict(ref_unet, z_t, t, cond)
+            ref = self._per_sample_mse(ref_pred, target) if self.objective.uses_reference else None
+            drift = self._per_sample_mse(policy_pred, ref_pred) if self.benign_anchor else None
+        split = lambda e: (None, None) if e is None else ((e, None) if not uses_losers else (e[:n_pairs], e[n_pairs:]))  # noqa: E731
+        (p_w, p_l), (r_w, r_l), (g_w, g_l) = split(self._per_sample_mse(policy_pred, target)), split(ref), split(drift)
+        return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l, drift_w=g_w, drift_l=g_l)
 
     def compute(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> ObjectiveOutput:
-        return self.objective(self.pair_errors(batch, generator), batch.get("meta", {}))
+        """The objective's loss, plus ``benign_anchor`` times the drift on benign pairs when that weight is > 0."""
+        errors, meta = self.pair_errors(batch, generator), batch.get("meta", {})
+        out = self.objective(errors, meta)
+        if self.benign_anchor:
+            anchor = benign_drift(errors, meta)
+            out.loss = out.loss + self.benign_anchor * anchor
+            out.metrics["benign_drift"] = anchor.detach()
+        return out
 
     # ------------------------------------------------------------- lightning
     def step_generator(self, batch_idx: int) -> torch.Generator:

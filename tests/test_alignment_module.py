@@ -125,3 +125,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_components):
         module.compute(batch, torch.Generator().manual_seed(5)).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for _, p in module.trainable_parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_benign_anchor_adds_the_drift_of_benign_pairs_and_ignores_harmful_ones(tiny_components):
+    base = copy.deepcopy(tiny_components.unet)
+    module = make(tiny_components, benign_anchor=100.0)
+    perturb_lora(module)
+    batch = random_batch(tiny_components)
+    batch["meta"] = {"categories": [("hate",), (), ("sexual",)]}
+    errs = module.pair_errors(batch, torch.Generator().manual_seed(5))
+    # drift by hand: policy and base predictions on the same noisy latents (same t and eps draws)
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    eps = torch.randn(batch["latents_w"].shape, generator=g)
+    z_t = tiny_components.noise_scheduler.add_noise(batch["latents_w"], eps, t)
+    with torch.no_grad():
+        by_hand = (module.unet(z_t, t, encoder_hidden_states=batch["prompt_embeds"]).sample
+                   - base(z_t, t, encoder_hidden_states=batch["prompt_embeds"]).sample).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(errs.drift_w, by_hand, atol=1e-6) and (by_hand > 0).all()
+
+    out = module.compute(batch, torch.Generator().manual_seed(5))
+    plain = module.objective(errs, batch["meta"])
+    expected_drift = (errs.drift_w[1] + errs.drift_l[1]) / 2
+    assert torch.allclose(out.metrics["benign_drift"], expected_drift)
+    assert torch.allclose(out.loss, plain.loss + 100.0 * expected_drift)
+    # with every pair harmful the anchor adds nothing
+    batch["meta"] = {"categories": [("hate",), ("violence",), ("sexual",)]}
+    harmful_only = module.compute(batch, torch.Generator().manual_seed(5))
+    assert harmful_only.metrics["benign_drift"].item() == 0.0
+    assert torch.allclose(harmful_only.loss, plain.loss)
+
+
+def test_benign_anchor_rejects_negative_weights(tiny_components):
+    from data.errors import InputError
+
+    with pytest.raises(InputError, match="benign_anchor"):
+        make(tiny_components, benign_anchor=-1.0)

@@ -39,9 +39,10 @@ def test_ours_and_reference_compute_the_same_dpo_loss_on_the_same_latents():
     t, cond = torch.tensor([10, 500]).repeat(2), torch.randn(4, 77, components.text_encoder.config.hidden_size, generator=g)
     noisy = components.noise_scheduler.add_noise(z, eps, t)
     with torch.no_grad():
-        policy = ours.module._per_sample_error(ours.module.unet, noisy, t, cond, eps)
+        m = ours.module
+        policy = m._per_sample_mse(m._predict(m.unet, noisy, t, cond), eps)
         with ours.module.reference() as unet:
-            reference = ours.module._per_sample_error(unet, noisy, t, cond, eps)
+            reference = m._per_sample_mse(m._predict(unet, noisy, t, cond), eps)
         theirs_policy = (ref.policy(noisy, t, encoder_hidden_states=cond).sample - eps).pow(2).mean(dim=(1, 2, 3))
         theirs_ref = (ref.ref(noisy, t, encoder_hidden_states=cond).sample - eps).pow(2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(policy, theirs_policy, rtol=1e-4, atol=1e-6)

@@ -84,3 +84,18 @@ def test_dpo_sft_weight_adds_the_winner_error():
     DPO(beta=100.0)(e0).loss.backward()
     assert torch.allclose(e.policy_w.grad, e0.policy_w.grad + 10.0 / 2)   # d/d e_w of 10 * mean(e_w)
     assert torch.allclose(e.policy_l.grad, e0.policy_l.grad)
+
+
+def test_benign_drift_averages_winner_and_loser_drift_over_benign_pairs_only():
+    from alignment.base import benign_drift
+
+    errs = errors()
+    errs.drift_w = torch.tensor([0.4, 0.1, 0.3], dtype=torch.float64)
+    errs.drift_l = torch.tensor([0.2, 0.3, 0.9], dtype=torch.float64)
+    meta = {"categories": [("hate",), (), ()]}
+    # benign pairs 1 and 2: ((0.1 + 0.3) / 2 + (0.3 + 0.9) / 2) / 2
+    assert benign_drift(errs, meta).item() == pytest.approx(0.4)
+    assert benign_drift(errs, {}).item() == pytest.approx((0.3 + 0.2 + 0.6) / 3)  # no categories: all benign
+    assert benign_drift(errs, {"categories": [("hate",), ("sexual",), ("violence",)]}).item() == 0.0
+    with pytest.raises(ValueError, match="drift_w"):
+        benign_drift(errors(), meta)
