@@ -90,7 +90,7 @@ class AlignmentModule(L.LightningModule):
                     p.data = p.data.float()  # adapters train in float32 whatever the base dtype
         else:
             unet.requires_grad_(True)
-            if objective.uses_reference:
+            if objective.uses_reference or self.benign_anchor:
                 self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
         if gradient_checkpointing:

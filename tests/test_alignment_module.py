@@ -156,6 +156,13 @@ def test_benign_anchor_adds_the_drift_of_benign_pairs_and_ignores_harmful_ones(t
     assert torch.allclose(harmful_only.loss, plain.loss)
 
 
+def test_benign_anchor_gives_sft_with_full_finetuning_a_frozen_reference(tiny_components):
+    module = make(tiny_components, objective=SFT(), lora=None, benign_anchor=1.0)
+    assert module.ref_unet is not None
+    errs = module.pair_errors(random_batch(tiny_components))
+    assert errs.ref_w is None and torch.allclose(errs.drift_w, torch.zeros(3))  # untrained: no drift yet
+
+
 def test_benign_anchor_rejects_negative_weights(tiny_components):
     from data.errors import InputError
 
