@@ -130,7 +130,9 @@ def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int
         shutil.rmtree(clip_dir, ignore_errors=True)
         clip.save_pretrained(clip_dir, safe_serialization=True)
         tokenizer.save_pretrained(clip_dir)
-        CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+        # images of any size (a user's data, not only the world's) come to the CLIP's 32 px as real CLIPs do
+        CLIPImageProcessor(do_resize=True, size={"shortest_edge": SIZE}, do_center_crop=True,
+                           crop_size={"height": SIZE, "width": SIZE}, do_rescale=True, rescale_factor=1 / 255,
                            do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(clip_dir)
     log.info("tiny CLIP ready in %s (%.0f s)", clip_dir, time.time() - start)
 

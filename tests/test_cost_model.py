@@ -42,6 +42,21 @@ def test_shipped_cost_model_separates_heldout_images(cost_model):
     assert 0.5 < float(p) <= 1.0
 
 
+def test_images_of_any_size_are_brought_to_the_encoders_size(cost_model):
+    """A user's images are not 32 px: the toy CLIP's processor resizes and crops like a real CLIP's, so the
+    ranking survives a 4x upscale and a non-square crop, and sizes can mix in one batch."""
+    from PIL import Image
+
+    pairs = ToyReader(kind="pairs", split="heldout", images_per_prompt=1).read()[:8]
+    harmful, safe = _images([p.image_l for p in pairs]), _images([p.image_w for p in pairs])
+    big = lambda a, w, h: np.asarray(Image.fromarray(a).resize((w, h), Image.Resampling.NEAREST))  # noqa: E731
+    mixed = [big(a, 128, 128) if i % 2 else big(a, 96, 128) for i, a in enumerate(harmful + safe)]
+    costs = cost_model.cost(mixed)
+    assert costs.shape == (16,) and torch.isfinite(costs).all()
+    assert float((costs[:8] > costs[8:]).float().mean()) >= 0.85
+    torch.testing.assert_close(cost_model.cost(harmful), cost_model.cost([big(a, 32, 32) for a in harmful]))
+
+
 def test_save_and_load_round_trip(cost_model, tmp_path):
     cost_model.save(tmp_path / "copy", encoder_reference=str(ROOT / "assets" / "toy" / "clip"))
     again = SafetyCostModel.load(tmp_path / "copy")

@@ -159,6 +159,29 @@ def test_scdpo_out_of_the_box_gets_costs_and_cost_model_task_saves(tmp_path):
     assert any(r.get("val/auroc") for r in metrics_rows(out))
 
 
+def test_scdpo_on_coprov2_and_pickapic_files_with_a_cost_model_and_benign_anchor(tiny_pipeline_dir, tmp_path):
+    import pyarrow.parquet as pq
+    from test_readers import COPRO_ROWS, pickapic_table, write_coprov2
+
+    (tmp_path / "copro").mkdir()
+    copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
+    pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
+    out = tmp_path / "run"
+    result = run_train(
+        out, "objective=scdpo", "data=scp", f"data.reader.harmful.path={copro}",
+        f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}", f"data.cost_model={ROOT / 'assets/toy/cost_model'}",
+        f"model.pretrained={tiny_pipeline_dir}", "model.benign_anchor=10", "data.batch_size=4", "data.val_fraction=0",
+        f"data.cache_dir={tmp_path / 'cache'}", "logger=csv", "trainer.max_steps=4", "trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/loss")]
+    assert len(rows) == 4
+    # 2 CoProV2 pairs + 2 Pick-a-Pic pairs at harmful_fraction 0.5: every batch holds both kinds, so the
+    # safety margin (costs of the CoProV2 images) and the drift on the clean pairs are both logged
+    assert all(r.get("train/safety_margin") and r.get("train/benign_drift") for r in rows)
+    assert any(float(r["train/benign_drift"]) > 0 for r in rows[1:])  # the LoRA moved after the first step
+    assert (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_safetydpo_trains_one_expert_per_category_merges_and_compares(tmp_path):
     import json
 
