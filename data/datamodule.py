@@ -87,6 +87,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 4,
         num_workers: int = 0,
         categories: Sequence[str] | None = None,
+        keep_uncategorized: bool = False,
         val_fraction: float = 0.0,
         center_crop: bool = True,
         random_flip: bool = False,
@@ -110,6 +111,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.encoder, self.resolution = encoder, resolution
         self.batch_size, self.num_workers = batch_size, num_workers
         self.categories = None if categories is None else [str(c) for c in categories]
+        self.keep_uncategorized = bool(keep_uncategorized)
         self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
@@ -149,7 +151,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return [p for p in pairs if p.prompt and p.prompt.strip()] if bad else pairs
 
     def selected_indices(self) -> list[int]:
-        """Indices of pairs in ``categories`` (all pairs when no filter is set)."""
+        """Indices of pairs in ``categories`` (all pairs when no filter is set), plus the pairs that carry no
+        category when ``keep_uncategorized`` (clean pairs a ``model.benign_anchor`` can hold an expert on)."""
         if self.categories is None:
             return list(range(len(self.pairs)))
         wanted = {normalize_category(c) for c in self.categories}
@@ -158,7 +161,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if unknown:
             raise InputError(f"data.categories: unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
                              f"the data has {sorted(present) or 'no categories'}")
-        return [i for i, p in enumerate(self.pairs) if wanted & set(p.categories)]
+        return [i for i, p in enumerate(self.pairs)
+                if wanted & set(p.categories) or (self.keep_uncategorized and not p.categories)]
 
     # ------------------------------------------------------------------ cache
     def cache_path(self) -> Path:

@@ -86,6 +86,20 @@ def test_category_filter_and_validation_split(tiny_components, jsonl_pairs, tmp_
     assert all(c == ("violence",) for c in batch["meta"]["categories"])
 
 
+def test_keep_uncategorized_adds_the_pairs_without_categories(tiny_components, jsonl_pairs, tmp_path):
+    import json
+
+    lines = [json.loads(line) for line in jsonl_pairs.read_text().splitlines()]
+    for i in (0, 4):  # two of the hate pairs become clean pairs (no category)
+        lines[i]["categories"] = []
+    jsonl_pairs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    for keep, expected in ((False, [1, 3, 5, 7]), (True, [0, 1, 3, 4, 5, 7])):
+        dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / f"cache{keep}", categories=["violence"],
+                           keep_uncategorized=keep)
+        dm.setup("fit")
+        assert sorted(dm.train_set.indices) == expected
+
+
 def test_unknown_category_lists_the_known_ones(tiny_components, jsonl_pairs, tmp_path):
     dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["nudity_typo"])
     with pytest.raises(InputError, match=r"unknown category \['nudity_typo'\]; the data has \['hate', 'violence'\]"):
