@@ -156,6 +156,24 @@ def test_benign_anchor_adds_the_drift_of_benign_pairs_and_ignores_harmful_ones(t
     assert torch.allclose(harmful_only.loss, plain.loss)
 
 
+def test_training_with_the_anchor_keeps_benign_pairs_closer_to_the_reference(tiny_components):
+    batch = random_batch(tiny_components, n=4)
+    batch["meta"] = {"categories": [("hate",), (), ("violence",), ()]}
+    drift = {}
+    for weight in (0.0, 1e5):
+        components = copy.deepcopy(tiny_components)
+        module = make(components, benign_anchor=weight, optimizer={"lr": 3e-3, "weight_decay": 0.0})
+        optimizer = module.configure_optimizers()["optimizer"]
+        for step in range(8):
+            optimizer.zero_grad()
+            module.compute(batch, torch.Generator().manual_seed(step)).loss.backward()
+            optimizer.step()
+        module.benign_anchor = 1.0  # only so that pair_errors reports the drift
+        errs = module.pair_errors(batch, torch.Generator().manual_seed(99))
+        drift[weight] = float((errs.drift_w[[1, 3]] + errs.drift_l[[1, 3]]).mean().detach())
+    assert drift[1e5] < 0.5 * drift[0.0]
+
+
 def test_benign_anchor_gives_sft_with_full_finetuning_a_frozen_reference(tiny_components):
     module = make(tiny_components, objective=SFT(), lora=None, benign_anchor=1.0)
     assert module.ref_unet is not None
