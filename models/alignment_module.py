@@ -90,7 +90,7 @@ class AlignmentModule(L.LightningModule):
                     p.data = p.data.float()  # adapters train in float32 whatever the base dtype
         else:
             unet.requires_grad_(True)
-            if objective.uses_reference or self.benign_anchor:
+            if self.needs_reference:
                 self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
         if gradient_checkpointing:
@@ -116,6 +116,11 @@ class AlignmentModule(L.LightningModule):
             yield self.unet
         finally:
             self.unet.enable_adapters()
+
+    @property
+    def needs_reference(self) -> bool:
+        """The objective reads reference errors, or the benign anchor reads the drift from the reference."""
+        return self.objective.uses_reference or bool(self.benign_anchor)
 
     def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         run = self._run_unet if unet is self.unet else unet
@@ -143,17 +148,22 @@ class AlignmentModule(L.LightningModule):
             eps = torch.randn_like(z_w)
         t, eps, cond = t.repeat(copies), eps.repeat(copies, 1, 1, 1), cond.repeat(copies, 1, 1)
         z_t = self.noise_scheduler.add_noise(latents, eps, t)
-        target = eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)
+        target = (eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)).float()
 
-        target = target.float()
         policy_pred = self._predict(self.unet, z_t, t, cond)
         ref = drift = None
-        if self.objective.uses_reference or self.benign_anchor:
+        if self.needs_reference:
             with torch.no_grad(), self.reference() as ref_unet:
                 ref_pred = self._predict(ref_unet, z_t, t, cond)
             ref = self._per_sample_mse(ref_pred, target) if self.objective.uses_reference else None
             drift = self._per_sample_mse(policy_pred, ref_pred) if self.benign_anchor else None
-        split = lambda e: (None, None) if e is None else ((e, None) if not uses_losers else (e[:n_pairs], e[n_pairs:]))  # noqa: E731
+
+        def split(e: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+            """Winners' and losers' halves of a per-sample tensor."""
+            if e is None or not uses_losers:
+                return e, None
+            return e[:n_pairs], e[n_pairs:]
+
         (p_w, p_l), (r_w, r_l), (g_w, g_l) = split(self._per_sample_mse(policy_pred, target)), split(ref), split(drift)
         return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l, drift_w=g_w, drift_l=g_l)
 

@@ -23,13 +23,17 @@ def perturb_lora(module: AlignmentModule, seed: int = 1) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def manual_errors(unet, scheduler, batch, seed):
+def manual_noise(scheduler, batch, seed):
     """SPEC section 1 written out: one t and one eps per pair, shared by winner and loser."""
     g = torch.Generator().manual_seed(seed)
+    z_w = batch["latents_w"]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (z_w.shape[0],), generator=g)
+    return t, torch.randn(z_w.shape, generator=g)
+
+
+def manual_errors(unet, scheduler, batch, seed):
+    t, eps = manual_noise(scheduler, batch, seed)
     z_w, z_l, c = batch["latents_w"], batch["latents_l"], batch["prompt_embeds"]
-    n = z_w.shape[0]
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
-    eps = torch.randn(z_w.shape, generator=g)
     out = []
     for z in (z_w, z_l):
         z_t = scheduler.add_noise(z, eps, t)
@@ -135,9 +139,7 @@ def test_benign_anchor_adds_the_drift_of_benign_pairs_and_ignores_harmful_ones(t
     batch["meta"] = {"categories": [("hate",), (), ("sexual",)]}
     errs = module.pair_errors(batch, torch.Generator().manual_seed(5))
     # drift by hand: policy and base predictions on the same noisy latents (same t and eps draws)
-    g = torch.Generator().manual_seed(5)
-    t = torch.randint(0, 1000, (3,), generator=g)
-    eps = torch.randn(batch["latents_w"].shape, generator=g)
+    t, eps = manual_noise(tiny_components.noise_scheduler, batch, seed=5)
     z_t = tiny_components.noise_scheduler.add_noise(batch["latents_w"], eps, t)
     with torch.no_grad():
         by_hand = (module.unet(z_t, t, encoder_hidden_states=batch["prompt_embeds"]).sample

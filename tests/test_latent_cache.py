@@ -87,12 +87,10 @@ def test_category_filter_and_validation_split(tiny_components, jsonl_pairs, tmp_
 
 
 def test_keep_uncategorized_adds_the_pairs_without_categories(tiny_components, jsonl_pairs, tmp_path):
-    import json
+    from test_hostile_inputs import rewrite_jsonl
 
-    lines = [json.loads(line) for line in jsonl_pairs.read_text().splitlines()]
-    for i in (0, 4):  # two of the hate pairs become clean pairs (no category)
-        lines[i]["categories"] = []
-    jsonl_pairs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    # two of the hate pairs become clean pairs (no category)
+    rewrite_jsonl(jsonl_pairs, lambda lines: [lines[i].update(categories=[]) for i in (0, 4)])
     for keep, expected in ((False, [1, 3, 5, 7]), (True, [0, 1, 3, 4, 5, 7])):
         dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / f"cache{keep}", categories=["violence"],
                            keep_uncategorized=keep)
