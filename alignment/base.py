@@ -29,6 +29,10 @@ class PairErrors:
     drift_w: Tensor | None = None
     drift_l: Tensor | None = None
 
+    def select(self, keep: Tensor) -> "PairErrors":
+        """The errors of the pairs where the boolean mask ``keep`` is true."""
+        return PairErrors(**{k: None if v is None else v[keep] for k, v in vars(self).items()})
+
     def margin(self, beta: float) -> Tensor:
         """Implicit reward margin ``h = -(beta / 2) * (d_w - d_l)``."""
         return -(beta / 2) * self.delta()
@@ -92,13 +96,28 @@ def add_sft_term(loss: Tensor, metrics: dict[str, Tensor], errors: PairErrors, w
     return loss + weight * sft
 
 
+def select_meta(meta: Mapping[str, Any], keep: Tensor) -> dict[str, Any]:
+    """Per-pair metadata of the pairs where ``keep`` is true (tensors indexed, lists filtered)."""
+    rows = keep.nonzero().flatten().tolist()
+    return {k: v[keep.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in rows] if isinstance(v, list) else v
+            for k, v in meta.items()}
+
+
+def anchor_flags(meta: Mapping[str, Any], n: int, device: torch.device) -> Tensor:
+    """``meta["anchor"]``: pairs served only to hold the model still (``data.anchor_others``); none by default."""
+    flags = meta.get("anchor")
+    return torch.zeros(n, dtype=torch.bool, device=device) if flags is None else flags.to(device=device, dtype=torch.bool)
+
+
 def benign_mask(meta: Mapping[str, Any], n: int, device: torch.device) -> Tensor:
-    """Pairs whose prompt involves no harm category (``meta["categories"]`` empty): quality pairs under
-    clean prompts, benign groups of dual-annotated data. A batch without categories counts as all benign."""
+    """Pairs the benign anchor holds at the reference: those whose prompt involves no harm category
+    (``meta["categories"]`` empty: quality pairs under clean prompts, benign groups of dual-annotated data;
+    a batch without categories counts as all benign) and anchor pairs (:func:`anchor_flags`)."""
     categories = meta.get("categories")
     if categories is None:
         return torch.ones(n, dtype=torch.bool, device=device)
-    return torch.tensor([not c for c in categories], dtype=torch.bool, device=device)
+    clean = torch.tensor([not c for c in categories], dtype=torch.bool, device=device)
+    return clean | anchor_flags(meta, n, device)
 
 
 def benign_drift(errors: PairErrors, meta: Mapping[str, Any]) -> Tensor:

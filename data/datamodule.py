@@ -27,16 +27,24 @@ class CachedPairDataset(Dataset):
     """Items are dicts of cached tensors plus per-pair metadata; flip and prompt dropout happen here."""
 
     def __init__(self, cache: CacheReader, pairs: Sequence[PreferencePair], indices: Sequence[int],
-                 random_flip: bool = False, p_uncond: float = 0.0) -> None:
+                 random_flip: bool = False, p_uncond: float = 0.0, anchor_indices: Sequence[int] = ()) -> None:
         self.cache, self.pairs, self.indices = cache, pairs, list(indices)
         self.random_flip, self.p_uncond = random_flip, p_uncond
+        self.anchor_indices = list(anchor_indices)
         self.has_losers = "latents_l" in cache.keys
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        index = self.indices[i]
+        item = self.item(self.indices[i])
+        if self.anchor_indices:
+            drawn = self.anchor_indices[int(torch.randint(len(self.anchor_indices), ()))]
+            item["anchor_item"] = self.item(drawn)
+        return item
+
+    def item(self, index: int) -> dict[str, Any]:
+        """The cached tensors and metadata of pair ``index``."""
         suffix = "_flip" if self.random_flip and torch.rand(()) < 0.5 else ""
         item: dict[str, Any] = {"latents_w": self.cache.row("latents_w" + suffix, index).float()}
         if self.has_losers:
@@ -64,12 +72,18 @@ def condition_pairs(pairs: list[PreferencePair], condition_on: str) -> list[Pref
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep categories as a list; turn each extra into a float tensor (NaN where absent)."""
+    """Stack tensors; keep categories as a list; turn each extra into a float tensor (NaN where absent).
+    Items that carry an ``anchor_item`` (``data.anchor_others``) are followed by those anchor pairs, which
+    ``meta["anchor"]`` marks."""
+    anchors = [it.pop("anchor_item") for it in items if "anchor_item" in it]
+    flags = [False] * len(items) + [True] * len(anchors)
+    items = items + anchors
     batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "meta"}
     extras = sorted({k for it in items for k in it["meta"]["extras"]})
     batch["meta"] = {
         "index": torch.tensor([it["meta"]["index"] for it in items]),
         "categories": [it["meta"]["categories"] for it in items],
+        **({"anchor": torch.tensor(flags)} if anchors else {}),
         **{k: torch.tensor([it["meta"]["extras"].get(k, float("nan")) for it in items]) for k in extras},
     }
     return batch
@@ -88,6 +102,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         categories: Sequence[str] | None = None,
         keep_uncategorized: bool = False,
+        anchor_others: bool = False,
         val_fraction: float = 0.0,
         center_crop: bool = True,
         random_flip: bool = False,
@@ -112,6 +127,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.categories = None if categories is None else [str(c) for c in categories]
         self.keep_uncategorized = bool(keep_uncategorized)
+        if anchor_others and self.categories is None:
+            raise InputError("data.anchor_others: needs data.categories (the pairs outside them become anchors)")
+        self.anchor_others = bool(anchor_others)
         self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
@@ -164,6 +182,15 @@ class PreferenceDataModule(L.LightningDataModule):
         return [i for i, p in enumerate(self.pairs)
                 if wanted & set(p.categories) or (self.keep_uncategorized and not p.categories)]
 
+    def anchor_indices(self, selected: Sequence[int]) -> list[int]:
+        """With ``anchor_others``: every pair the category filter left out. Each training pair is served
+        with one of them, drawn at random, which the objective does not see and ``model.benign_anchor``
+        holds at the reference (so an expert leaves the other categories' prompts, and benign ones, alone)."""
+        if not self.anchor_others:
+            return []
+        chosen = set(selected)
+        return [i for i in range(len(self.pairs)) if i not in chosen]
+
     # ------------------------------------------------------------------ cache
     def cache_path(self) -> Path:
         if self.encoder is None or self.resolution is None:
@@ -212,9 +239,13 @@ class PreferenceDataModule(L.LightningDataModule):
         train = sorted(indices[i] for i in order[n_val:])
         if not train:
             raise InputError(f"{self.reader}: no training pairs left after the category filter and validation split")
-        self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond)
+        anchors = [i for i in self.anchor_indices(indices) if cache.valid[i]]
+        if self.anchor_others and not anchors:
+            log.warning("data.anchor_others: the category filter leaves no pair out, so there are no anchor pairs")
+        self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond, anchors)
         self.val_set = CachedPairDataset(cache, self.pairs, val) if val else None
-        log.info("data: %d train pairs, %d val pairs (%s)", len(train), len(val), self.reader.stats)
+        log.info("data: %d train pairs, %d val pairs, %d anchor pairs (%s)", len(train), len(val), len(anchors),
+                 self.reader.stats)
 
     # ------------------------------------------------------------ dataloaders
     def batches_trained(self) -> int:

@@ -17,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from torch import Tensor
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, benign_drift
+from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags, benign_drift, select_meta
 from data.errors import InputError
 
 
@@ -168,9 +168,17 @@ class AlignmentModule(L.LightningModule):
         return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l, drift_w=g_w, drift_l=g_l)
 
     def compute(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> ObjectiveOutput:
-        """The objective's loss, plus ``benign_anchor`` times the drift on benign pairs when that weight is > 0."""
+        """The objective's loss on the batch's pairs except anchor pairs, plus ``benign_anchor`` times the
+        drift on benign and anchor pairs when that weight is > 0."""
         errors, meta = self.pair_errors(batch, generator), batch.get("meta", {})
-        out = self.objective(errors, meta)
+        anchors = anchor_flags(meta, errors.policy_w.shape[0], errors.policy_w.device)
+        if anchors.any():
+            if not self.benign_anchor:
+                raise InputError("the batch has anchor pairs (data.anchor_others) but model.benign_anchor is 0: "
+                                 "set a weight > 0 for them to hold the model")
+            out = self.objective(errors.select(~anchors), select_meta(meta, ~anchors))
+        else:
+            out = self.objective(errors, meta)
         if self.benign_anchor:
             anchor = benign_drift(errors, meta)
             out.loss = out.loss + self.benign_anchor * anchor

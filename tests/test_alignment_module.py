@@ -7,6 +7,7 @@ from conftest import random_batch
 from diffusers import DDPMScheduler
 
 from alignment import DPO, SFT
+from data.errors import InputError
 from models.alignment_module import AlignmentModule
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -185,7 +186,23 @@ def test_benign_anchor_gives_sft_with_full_finetuning_a_frozen_reference(tiny_co
 
 
 def test_benign_anchor_rejects_negative_weights(tiny_components):
-    from data.errors import InputError
 
     with pytest.raises(InputError, match="benign_anchor"):
         make(tiny_components, benign_anchor=-1.0)
+
+
+def test_anchor_pairs_are_held_by_the_benign_anchor_and_left_out_of_the_objective(tiny_components):
+    unanchored = make(copy.deepcopy(tiny_components))
+    module = make(tiny_components, benign_anchor=100.0)
+    perturb_lora(module)
+    batch = random_batch(tiny_components)
+    batch["meta"] = {"categories": [("hate",), ("hate",), ("sexual",)], "anchor": torch.tensor([False, False, True])}
+    errs = module.pair_errors(batch, torch.Generator().manual_seed(5))
+    out = module.compute(batch, torch.Generator().manual_seed(5))
+    own = module.objective(errs.select(torch.tensor([True, True, False])), {"categories": [("hate",), ("hate",)]})
+    anchor_drift = (errs.drift_w[2] + errs.drift_l[2]) / 2
+    assert torch.allclose(out.metrics["benign_drift"], anchor_drift)
+    assert torch.allclose(out.loss, own.loss + 100.0 * anchor_drift)
+    assert not torch.allclose(own.loss, module.objective(errs, batch["meta"]).loss)  # the anchor pair is really left out
+    with pytest.raises(InputError, match="benign_anchor is 0"):
+        unanchored.compute(batch, torch.Generator().manual_seed(5))

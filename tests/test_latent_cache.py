@@ -98,6 +98,18 @@ def test_keep_uncategorized_adds_the_pairs_without_categories(tiny_components, j
         assert sorted(dm.train_set.indices) == expected
 
 
+def test_anchor_others_serves_each_pair_with_a_pair_from_outside_the_filter(tiny_components, jsonl_pairs, tmp_path):
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["violence"], anchor_others=True)
+    dm.setup("fit")
+    assert sorted(dm.train_set.indices) == [1, 3, 5, 7] and sorted(dm.train_set.anchor_indices) == [0, 2, 4, 6]
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["latents_w"].shape[0] == 8 and batch["meta"]["anchor"].tolist() == [False] * 4 + [True] * 4
+    assert batch["meta"]["categories"] == [("violence",)] * 4 + [("hate",)] * 4
+    assert all(i % 2 == 0 for i in batch["meta"]["index"][4:].tolist())
+    with pytest.raises(InputError, match="data.anchor_others: needs data.categories"):
+        datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", anchor_others=True)
+
+
 def test_unknown_category_lists_the_known_ones(tiny_components, jsonl_pairs, tmp_path):
     dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", categories=["nudity_typo"])
     with pytest.raises(InputError, match=r"unknown category \['nudity_typo'\]; the data has \['hate', 'violence'\]"):

@@ -99,3 +99,19 @@ def test_benign_drift_averages_winner_and_loser_drift_over_benign_pairs_only():
     assert benign_drift(errs, {"categories": [("hate",), ("sexual",), ("violence",)]}).item() == 0.0
     with pytest.raises(ValueError, match="drift_w"):
         benign_drift(errors(), meta)
+    # anchor pairs (data.anchor_others) are held too, whatever their categories
+    anchored = {"categories": [("hate",), (), ("sexual",)], "anchor": torch.tensor([False, False, True])}
+    assert benign_drift(errs, anchored).item() == pytest.approx(((0.1 + 0.3) / 2 + (0.3 + 0.9) / 2) / 2)
+
+
+def test_select_keeps_the_chosen_pairs_errors_and_metadata():
+    from alignment.base import select_meta
+
+    errs = errors()
+    chosen = errs.select(torch.tensor([False, True]))
+    assert chosen.policy_w.tolist() == [0.20] and chosen.policy_l.tolist() == [0.25] and chosen.ref_l.tolist() == [0.25]
+    assert chosen.drift_w is None
+    keep = torch.tensor([True, False, True])
+    meta = {"categories": [("hate",), (), ("sexual",)], "index": torch.tensor([4, 5, 6]), "note": "batch"}
+    picked = select_meta(meta, keep)
+    assert picked["categories"] == [("hate",), ("sexual",)] and picked["index"].tolist() == [4, 6] and picked["note"] == "batch"
