@@ -30,3 +30,10 @@ def test_a_data_group_given_wins_over_the_objectives_choice(objective, data, rea
     assert cfg.data.reader._target_.endswith(reader)
     assert "kind" not in cfg.data.reader
     assert cfg.objective._target_.endswith(objective.upper())
+
+
+@pytest.mark.parametrize("override, expected", [(None, "co_merge"), ("merge_method=ties_svd", "ties_svd"),
+                                                ("merge.method=cat", "cat")])
+def test_merge_method_takes_either_spelling(override, expected):
+    cfg = composed("task=merge", *([override] if override else []))
+    assert cfg.merge.method == expected
