@@ -127,8 +127,6 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.categories = None if categories is None else [str(c) for c in categories]
         self.keep_uncategorized = bool(keep_uncategorized)
-        if anchor_others and self.categories is None:
-            raise InputError("data.anchor_others: needs data.categories (the pairs outside them become anchors)")
         self.anchor_others = bool(anchor_others)
         self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
@@ -188,6 +186,8 @@ class PreferenceDataModule(L.LightningDataModule):
         holds at the reference (so an expert leaves the other categories' prompts, and benign ones, alone)."""
         if not self.anchor_others:
             return []
+        if self.categories is None:
+            raise InputError("data.anchor_others: needs data.categories (the pairs outside them become anchors)")
         chosen = set(selected)
         return [i for i in range(len(self.pairs)) if i not in chosen]
 
