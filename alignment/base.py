@@ -99,8 +99,14 @@ def add_sft_term(loss: Tensor, metrics: dict[str, Tensor], errors: PairErrors, w
 def select_meta(meta: Mapping[str, Any], keep: Tensor) -> dict[str, Any]:
     """Per-pair metadata of the pairs where ``keep`` is true (tensors indexed, lists filtered)."""
     rows = keep.nonzero().flatten().tolist()
-    return {k: v[keep.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in rows] if isinstance(v, list) else v
-            for k, v in meta.items()}
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if isinstance(value, Tensor):
+            value = value[keep.to(value.device)]
+        elif isinstance(value, list):
+            value = [value[i] for i in rows]
+        out[key] = value
+    return out
 
 
 def anchor_flags(meta: Mapping[str, Any], n: int, device: torch.device) -> Tensor:

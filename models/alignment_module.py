@@ -171,12 +171,12 @@ class AlignmentModule(L.LightningModule):
         """The objective's loss on the batch's pairs except anchor pairs, plus ``benign_anchor`` times the
         drift on benign and anchor pairs when that weight is > 0."""
         errors, meta = self.pair_errors(batch, generator), batch.get("meta", {})
-        anchors = anchor_flags(meta, errors.policy_w.shape[0], errors.policy_w.device)
-        if anchors.any():
+        if "anchor" in meta:  # collate adds the flags only to batches that carry anchor pairs
             if not self.benign_anchor:
                 raise InputError("the batch has anchor pairs (data.anchor_others) but model.benign_anchor is 0: "
                                  "set a weight > 0 for them to hold the model")
-            out = self.objective(errors.select(~anchors), select_meta(meta, ~anchors))
+            own = ~anchor_flags(meta, errors.policy_w.shape[0], errors.policy_w.device)
+            out = self.objective(errors.select(own), select_meta(meta, own))
         else:
             out = self.objective(errors, meta)
         if self.benign_anchor:

@@ -186,7 +186,6 @@ def test_benign_anchor_gives_sft_with_full_finetuning_a_frozen_reference(tiny_co
 
 
 def test_benign_anchor_rejects_negative_weights(tiny_components):
-
     with pytest.raises(InputError, match="benign_anchor"):
         make(tiny_components, benign_anchor=-1.0)
 
