@@ -46,7 +46,7 @@ class AlignmentModule(L.LightningModule):
         frozen_dtype: str = "float32",
         seed: int = 0,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         benign_anchor: float = 0.0,
     ) -> None:
         super().__init__()
@@ -99,7 +99,9 @@ class AlignmentModule(L.LightningModule):
             unet.to(memory_format=torch.channels_last)
         # The compiled callable is kept off the module tree (no second copy of the weights in state_dict);
         # self.unet stays the plain module that adapters, exports and checkpoints see.
-        object.__setattr__(self, "_run_unet", torch.compile(unet) if compile else unet)
+        # compile: true (default mode) or a torch.compile mode name such as "max-autotune-no-cudagraphs".
+        run = torch.compile(unet, mode=compile if isinstance(compile, str) else None) if compile else unet
+        object.__setattr__(self, "_run_unet", run)
 
     # ----------------------------------------------------------------- errors
     def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -127,6 +129,13 @@ class AlignmentModule(L.LightningModule):
         return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
 
     @staticmethod
+    def _to_device(host: Tensor, device: torch.device) -> Tensor:
+        """A pageable host-to-GPU copy waits for the GPU to drain; a pinned one is queued behind its work."""
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+
+    @staticmethod
     def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
         return (a - b).pow(2).mean(dim=tuple(range(1, a.ndim)))
 
@@ -140,11 +149,11 @@ class AlignmentModule(L.LightningModule):
         latents = torch.cat([z_w, batch["latents_l"]]) if uses_losers else z_w
         n_pairs, copies = z_w.shape[0], (2 if uses_losers else 1)
 
-        t = torch.randint(self.t_min, self.t_max + 1, (n_pairs,), generator=generator,
-                          device="cpu" if generator is not None else z_w.device).to(z_w.device)
-        if generator is not None:
-            eps = torch.randn(z_w.shape, generator=generator, dtype=z_w.dtype).to(z_w.device)
+        if generator is not None:  # drawn on the host (reproducible anywhere), copied without a device sync
+            t = self._to_device(torch.randint(self.t_min, self.t_max + 1, (n_pairs,), generator=generator), z_w.device)
+            eps = self._to_device(torch.randn(z_w.shape, generator=generator, dtype=z_w.dtype), z_w.device)
         else:
+            t = torch.randint(self.t_min, self.t_max + 1, (n_pairs,), device=z_w.device)
             eps = torch.randn_like(z_w)
         t, eps, cond = t.repeat(copies), eps.repeat(copies, 1, 1, 1), cond.repeat(copies, 1, 1)
         z_t = self.noise_scheduler.add_noise(latents, eps, t)
