@@ -133,7 +133,8 @@ class Ours:
         self.module = AlignmentModule(
             copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
-            channels_last="channels_last" in options, compile="compile" in options,
+            channels_last="channels_last" in options,
+            compile="max-autotune-no-cudagraphs" if "autotune" in options else "compile" in options,
         ).to(device)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -188,12 +189,12 @@ def measure(name: str, step: Callable[[dict], None], batch: dict, device: torch.
 
 
 def sampling_rate(components: SDComponents, device: torch.device, scheduler: str, steps: int, batch: int,
-                  resolution: int) -> float:
+                  resolution: int, dtype: torch.dtype) -> float:
     from models.sampling import SamplerSettings, generate, use_scheduler
 
     pipe = components.pipeline()
     use_scheduler(pipe, scheduler)
-    pipe.to(device)
+    pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     settings = SamplerSettings(scheduler=scheduler, num_inference_steps=steps, guidance_scale=7.5, batch_size=batch,
                                height=resolution, width=resolution)
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ours", default="auto",
-                        help="comma list of bf16, channels_last, fused, compile; auto: bf16,channels_last,fused on GPUs, none on CPU")
+                        help="comma list of bf16, channels_last, fused, compile, autotune (compile with max-autotune, "
+                             "no CUDA graphs), cudnn_benchmark; auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
     parser.add_argument("--also", default="", help="extra 'ours' variants to time, ';'-separated option lists")
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    options = ({"bf16", "channels_last", "fused"} if device.type == "cuda" else set()) if args.ours == "auto" \
+    options = ({"bf16", "channels_last", "fused", "cudnn_benchmark"} if device.type == "cuda" else set()) if args.ours == "auto" \
         else {o for o in args.ours.split(",") if o}
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,13 +239,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ("reference", lambda: Reference(components, device, beta)),
         ("ours" + (f" [{','.join(sorted(options))}]" if options else ""), lambda: Ours(components, device, beta, options)),
     ]
+    variant_options = [options]
     for extra in filter(None, args.also.split(";")):
         opts = {o for o in extra.split(",") if o}
         variants.append((f"ours [{','.join(sorted(opts))}]", lambda opts=opts: Ours(components, device, beta, opts)))
+        variant_options.append(opts)
     rows = []
-    for name, build in variants:
+    for (name, build), opts in zip(variants, [set()] + variant_options):
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in opts  # the public recipe leaves cuDNN's default
         runner = build()
         rows.append(measure(name, runner.step, batch, device, args.batch, args.steps, args.warmup, args.repeats))
+        print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -260,10 +266,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             line += f" {r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['mfu']:.0%} |"
         print(line)
     print(f"\nsampling, {args.sampling_steps} steps, classifier-free guidance, batch {args.batch}:\n")
-    print("| scheduler | images/s |\n|---|---:|")
-    for scheduler in ("ddim", "dpm"):
-        rate = sampling_rate(components, device, scheduler, args.sampling_steps, args.batch, resolution)
-        print(f"| {scheduler} | {rate:.2f} |")
+    print("| scheduler | dtype | images/s |\n|---|---|---:|")
+    for dtype in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
+        for scheduler in ("ddim", "dpm"):
+            rate = sampling_rate(components, device, scheduler, args.sampling_steps, args.batch, resolution, dtype)
+            print(f"| {scheduler} | {str(dtype).removeprefix('torch.')} | {rate:.2f} |")
     return rows
 
 
