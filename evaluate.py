@@ -84,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     pipe = components.pipeline()
     use_scheduler(pipe, settings.scheduler)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe.to(device)
+    pipe.to(device, settings.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
     if cfg.lora:
         from models.lora_io import read_lora

@@ -33,6 +33,26 @@ def test_same_prompt_and_seed_same_image_with_batch_1_and_8():
     assert not torch.allclose(one[0], one[1], atol=1e-2)  # different seeds do differ
 
 
+def test_sampler_dtype_bfloat16_draws_the_float32_images_up_to_rounding():
+    from diffusers import StableDiffusionPipeline
+
+    from models.sampling import SamplerSettings, generate, use_scheduler
+
+    with pytest.raises(ValueError, match="sampler.dtype: expected one of"):
+        SamplerSettings(dtype="bf16")
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
+    use_scheduler(pipe, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = [p.text for p in read_toy("heldout")][:4], [7, 8, 9, 10]
+    settings = SamplerSettings(num_inference_steps=5, guidance_scale=4.0, dtype="bfloat16")
+    full = generate(pipe, prompts, seeds, settings)
+    pipe.to(dtype=settings.torch_dtype)
+    half = generate(pipe, prompts, seeds, settings)
+    assert pipe.unet.dtype == torch.bfloat16 and half.dtype == torch.float32
+    error = (full - half).abs()
+    assert 0 < error.max() and error.mean() < 0.02  # rounding differs, the images do not
+
+
 def test_two_process_validation_gives_the_one_process_uas(tmp_path):
     results = {}
     for devices in (1, 2):
