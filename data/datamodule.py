@@ -186,8 +186,6 @@ class PreferenceDataModule(L.LightningDataModule):
         holds at the reference (so an expert leaves the other categories' prompts, and benign ones, alone)."""
         if not self.anchor_others:
             return []
-        if self.categories is None:
-            raise InputError("data.anchor_others: needs data.categories (the pairs outside them become anchors)")
         chosen = set(selected)
         return [i for i in range(len(self.pairs)) if i not in chosen]
 
@@ -241,7 +239,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise InputError(f"{self.reader}: no training pairs left after the category filter and validation split")
         anchors = [i for i in self.anchor_indices(indices) if cache.valid[i]]
         if self.anchor_others and not anchors:
-            log.warning("data.anchor_others: the category filter leaves no pair out, so there are no anchor pairs")
+            log.warning("data.anchor_others: data.categories leaves no pair out, so there are no anchor pairs")
         self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond, anchors)
         self.val_set = CachedPairDataset(cache, self.pairs, val) if val else None
         log.info("data: %d train pairs, %d val pairs, %d anchor pairs (%s)", len(train), len(val), len(anchors),

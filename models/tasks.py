@@ -29,6 +29,9 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
     log.info("objective: %r", objective)
     m = cfg.model
+    if cfg.data.get("anchor_others") and not m.get("benign_anchor", 0.0):
+        raise InputError("data.anchor_others: needs model.benign_anchor > 0, the weight that holds the anchor "
+                         "pairs at the reference (they get no objective loss)")
     components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)

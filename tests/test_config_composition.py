@@ -6,6 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import train  # noqa: F401 - registers the ${repo:...} resolver
+from data.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -37,3 +38,12 @@ def test_a_data_group_given_wins_over_the_objectives_choice(objective, data, rea
 def test_merge_method_takes_either_spelling(override, expected):
     cfg = composed("task=merge", *([override] if override else []))
     assert cfg.merge.method == expected
+
+
+def test_safetydpo_recipe_anchors_its_experts_and_refuses_anchors_without_a_weight():
+    from models.tasks import build_alignment
+
+    cfg = composed("objective=safetydpo")
+    assert cfg.data.anchor_others is True and cfg.model.benign_anchor > 0
+    with pytest.raises(InputError, match="data.anchor_others: needs model.benign_anchor > 0"):
+        build_alignment(composed("objective=safetydpo", "model.benign_anchor=0"))

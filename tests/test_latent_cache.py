@@ -106,9 +106,11 @@ def test_anchor_others_serves_each_pair_with_a_pair_from_outside_the_filter(tiny
     assert batch["latents_w"].shape[0] == 8 and batch["meta"]["anchor"].tolist() == [False] * 4 + [True] * 4
     assert batch["meta"]["categories"] == [("violence",)] * 4 + [("hate",)] * 4
     assert all(i % 2 == 0 for i in batch["meta"]["index"][4:].tolist())
+    # without a filter no pair is left out: nothing to anchor (the recipe's single-LoRA and all-single runs)
     unfiltered, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", anchor_others=True)
-    with pytest.raises(InputError, match="data.anchor_others: needs data.categories"):
-        unfiltered.setup("fit")
+    unfiltered.setup("fit")
+    assert len(unfiltered.train_set.indices) == 8 and unfiltered.train_set.anchor_indices == []
+    assert "anchor" not in next(iter(unfiltered.train_dataloader()))["meta"]
 
 
 def test_unknown_category_lists_the_known_ones(tiny_components, jsonl_pairs, tmp_path):
