@@ -192,10 +192,10 @@ def test_safetydpo_trains_one_expert_per_category_merges_and_compares(tmp_path):
     result = run_train(out, "objective=safetydpo", "experts=[violence,hate]", "all_single=true", "logger=none",
                        "trainer.max_steps=2", "data.batch_size=4", "data.reader.images_per_prompt=1",
                        "data.val_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", "merge.method=[co_merge,svd]",
-                       "merge.calibration_prompts=8", "data.anchor_others=true", "model.benign_anchor=10",
+                       "merge.calibration_prompts=8",
                        f"evaluation.overrides=['images_per_prompt=1','cache_dir={tmp_path / 'eval_cache'}']")
     assert result.returncode == 0, result.stderr[-3000:]
-    # each expert is held on every pair outside its category: its own pairs plus its anchors are all the pairs
+    # the recipe holds each expert on every pair outside its category: own pairs plus anchors are all the pairs
     counts = [(int(a), int(b)) for a, b in re.findall(r"data: (\d+) train pairs, 0 val pairs, (\d+) anchor pairs",
                                                        (out / "train.log").read_text())]
     (own_v, anchors_v), (own_h, anchors_h) = counts[:2]
