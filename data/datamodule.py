@@ -16,11 +16,11 @@ from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
 from data.pairs import PreferencePair
 from data.readers.base import PairReader
 from data.sampling import ResumableSampler, distributed_rank
+from models.dtypes import torch_dtype
 from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("unsafe", "safe", "both")
-CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CachedPairDataset(Dataset):
@@ -117,8 +117,7 @@ class PreferenceDataModule(L.LightningDataModule):
         on_bad_sample: str = "error",
     ) -> None:
         super().__init__()
-        if cache_dtype not in CACHE_DTYPES:
-            raise InputError(f"data.cache_dtype: expected one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}")
+        torch_dtype(cache_dtype, "data.cache_dtype")
         if not 0.0 <= val_fraction < 1.0:
             raise InputError(f"data.val_fraction: expected a number in [0, 1), got {val_fraction}")
         # Configs give the reader as a factory (``_partial_: true``) and the source as ``data.path``.
@@ -210,7 +209,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.encoder.to(device)
         try:
             build_cache(path.parent, self.pairs, self.encoder, self.resolution, self.center_crop,
-                        self.random_flip, CACHE_DTYPES[self.cache_dtype], self.encode_batch_size,
+                        self.random_flip, torch_dtype(self.cache_dtype, "data.cache_dtype"), self.encode_batch_size,
                         skip_bad=self.on_bad_sample == "skip")
         finally:
             self.encoder.to(original)

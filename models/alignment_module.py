@@ -19,13 +19,11 @@ from torch import Tensor
 
 from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags, benign_drift, select_meta
 from data.errors import InputError
+from models.dtypes import torch_dtype
 
 
 class NonFiniteLoss(InputError):
     """The loss became NaN or infinite: training stops before the optimizer step, so no weights are corrupted."""
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AlignmentModule(L.LightningModule):
@@ -74,10 +72,9 @@ class AlignmentModule(L.LightningModule):
         self.uses_lora = lora is not None
         if self.uses_lora:
             unet.requires_grad_(False)
-            if frozen_dtype not in DTYPES:
-                raise InputError(f"model.frozen_dtype: expected one of {sorted(DTYPES)}, got {frozen_dtype!r}")
-            if DTYPES[frozen_dtype] != unet.dtype:
-                unet.to(DTYPES[frozen_dtype])
+            base_dtype = torch_dtype(frozen_dtype, "model.frozen_dtype")
+            if base_dtype != unet.dtype:
+                unet.to(base_dtype)
             unet.add_adapter(LoraConfig(
                 r=int(lora["rank"]),
                 lora_alpha=float(lora.get("alpha", lora["rank"])),

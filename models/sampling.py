@@ -13,7 +13,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from torch import Tensor
 from tqdm.auto import tqdm
 
-SAMPLER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from models import dtypes
+
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 
 
@@ -30,12 +31,11 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"sampler.scheduler: expected one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.dtype not in SAMPLER_DTYPES:
-            raise ValueError(f"sampler.dtype: expected one of {sorted(SAMPLER_DTYPES)}, got {self.dtype!r}")
+        dtypes.torch_dtype(self.dtype, "sampler.dtype")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAMPLER_DTYPES[self.dtype]
+        return dtypes.torch_dtype(self.dtype, "sampler.dtype")
 
 
 def use_scheduler(pipe, name: str) -> None:
