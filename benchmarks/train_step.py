@@ -235,19 +235,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     beta = 5000.0
-    variants: list[tuple[str, Callable[[], object]]] = [
-        ("reference", lambda: Reference(components, device, beta)),
-        ("ours" + (f" [{','.join(sorted(options))}]" if options else ""), lambda: Ours(components, device, beta, options)),
-    ]
-    variant_options = [options]
-    for extra in filter(None, args.also.split(";")):
-        opts = {o for o in extra.split(",") if o}
-        variants.append((f"ours [{','.join(sorted(opts))}]", lambda opts=opts: Ours(components, device, beta, opts)))
-        variant_options.append(opts)
+    # None: the reference recipe; a set: ours with those options (the first is --ours, then each of --also)
+    variants: list[set[str] | None] = [None, options] + [{o for o in extra.split(",") if o}
+                                                         for extra in filter(None, args.also.split(";"))]
     rows = []
-    for (name, build), opts in zip(variants, [set()] + variant_options):
-        torch.backends.cudnn.benchmark = "cudnn_benchmark" in opts  # the public recipe leaves cuDNN's default
-        runner = build()
+    for opts in variants:
+        name = "reference" if opts is None else "ours" + (f" [{','.join(sorted(opts))}]" if opts else "")
+        # the public recipe leaves cuDNN's default
+        torch.backends.cudnn.benchmark = opts is not None and "cudnn_benchmark" in opts
+        runner = Reference(components, device, beta) if opts is None else Ours(components, device, beta, opts)
         rows.append(measure(name, runner.step, batch, device, args.batch, args.steps, args.warmup, args.repeats))
         print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
         del runner

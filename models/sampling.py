@@ -35,7 +35,7 @@ class SamplerSettings:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return dtypes.torch_dtype(self.dtype, "sampler.dtype")
+        return dtypes.DTYPES[self.dtype]  # a known name: __post_init__ checked it
 
 
 def use_scheduler(pipe, name: str) -> None:
