@@ -11,7 +11,8 @@ Both variants run in this process, side by side, on the same random-weight compo
   gradient scaler on GPUs (fp32 on CPU), PyTorch SDPA attention, AdamW.
 * ``ours``: the project's training path, ``AlignmentModule.compute`` on cached latents and text
   embeddings (what the DataLoader yields), the reference through disabled adapters (one UNet), plus the
-  switchable optimizations given by ``--ours`` (bf16, channels_last, fused AdamW, torch.compile).
+  switchable optimizations given by ``--ours`` (bf16, channels_last, fused AdamW, torch.compile, policy
+  and reference batched in one forward).
 
 Each variant: ``--warmup`` steps, then ``--repeats`` timed runs of ``--steps`` steps; pairs/s is
 ``batch * steps / time`` per run (median, min, max). On GPUs also peak memory, TFLOP/s and MFU (FLOPs of
@@ -40,6 +41,8 @@ from models.components import SDComponents, load_components  # noqa: E402
 
 # dense bf16/fp16 tensor-core peak, TFLOP/s (NVIDIA datasheets, SXM parts)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+# benchmark option -> model.compile value
+COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -133,8 +136,8 @@ class Ours:
         self.module = AlignmentModule(
             copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
-            channels_last="channels_last" in options,
-            compile="max-autotune-no-cudagraphs" if "autotune" in options else "compile" in options,
+            channels_last="channels_last" in options, batch_reference="batched" in options,
+            compile=next((mode for option, mode in COMPILE_MODES.items() if option in options), False),
         ).to(device)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -188,6 +191,19 @@ def measure(name: str, step: Callable[[dict], None], batch: dict, device: torch.
     return row
 
 
+def print_profile(name: str, step: Callable[[dict], None], batch: dict, device: torch.device, steps: int) -> None:
+    """Where a variant's step spends its time: the operators (and on GPUs kernels) with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {name}, {steps} steps:\n" + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
 def sampling_rate(components: SDComponents, device: torch.device, scheduler: str, steps: int, batch: int,
                   resolution: int, dtype: torch.dtype) -> float:
     from models.sampling import SamplerSettings, generate, use_scheduler
@@ -217,10 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ours", default="auto",
                         help="comma list of bf16, channels_last, fused, compile, autotune (compile with max-autotune, "
-                             "no CUDA graphs), cudnn_benchmark; auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
+                             "no CUDA graphs), cudagraphs (compile with reduce-overhead), cudnn_benchmark, batched (policy and "
+                             "reference in one forward); auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
     parser.add_argument("--also", default="", help="extra 'ours' variants to time, ';'-separated option lists")
-    parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--sampling-steps", type=int, default=20, help="0 skips the sampling table")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="print each variant's top operators/kernels by self time")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,6 +264,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runner = Reference(components, device, beta) if opts is None else Ours(components, device, beta, opts)
         rows.append(measure(name, runner.step, batch, device, args.batch, args.steps, args.warmup, args.repeats))
         print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
+        if args.profile:
+            print_profile(name, runner.step, batch, device, args.steps)
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -261,6 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if gpu:
             line += f" {r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['mfu']:.0%} |"
         print(line)
+    if args.sampling_steps <= 0:
+        return rows
     print(f"\nsampling, {args.sampling_steps} steps, classifier-free guidance, batch {args.batch}:\n")
     print("| scheduler | dtype | images/s |\n|---|---|---:|")
     for dtype in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):

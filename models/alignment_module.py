@@ -20,6 +20,7 @@ from torch import Tensor
 from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags, benign_drift, select_meta
 from data.errors import InputError
 from models.dtypes import torch_dtype
+from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 
 
 class NonFiniteLoss(InputError):
@@ -46,6 +47,7 @@ class AlignmentModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool | str = False,
         benign_anchor: float = 0.0,
+        batch_reference: bool = False,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -64,6 +66,9 @@ class AlignmentModule(L.LightningModule):
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
+        if batch_reference and lora is None:
+            raise InputError("model.batch_reference: needs model.lora (the reference must be the same UNet with its "
+                             "adapters off); full fine-tuning keeps a separate reference UNet")
         # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
         self.strict_loading = False
 
@@ -90,6 +95,9 @@ class AlignmentModule(L.LightningModule):
             if self.needs_reference:
                 self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
+        # batch_reference: policy and reference in one forward of the doubled batch (the backward then runs
+        # over both halves, so it pays only where the step is bound by launches, not by compute: README, Benchmark)
+        self._mixed = MixedAdapterBatch(unet) if batch_reference else None
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if channels_last:
@@ -125,6 +133,13 @@ class AlignmentModule(L.LightningModule):
         run = self._run_unet if unet is self.unet else unet
         return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
 
+    def _predict_with_reference(self, z_t: Tensor, t: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """Policy and (detached) reference predictions from one forward, the adapters on for the first half only."""
+        n = z_t.shape[0]
+        with self._mixed.assign([self.adapter_name] * n + [BASE_ADAPTER] * n):
+            both = self._predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, cond]))
+        return both[:n], both[n:].detach()
+
     @staticmethod
     def _to_device(host: Tensor, device: torch.device) -> Tensor:
         """A pageable host-to-GPU copy waits for the GPU to drain; a pinned one is queued behind its work."""
@@ -156,11 +171,16 @@ class AlignmentModule(L.LightningModule):
         z_t = self.noise_scheduler.add_noise(latents, eps, t)
         target = (eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)).float()
 
-        policy_pred = self._predict(self.unet, z_t, t, cond)
         ref = drift = None
-        if self.needs_reference:
+        if not self.needs_reference:
+            policy_pred = self._predict(self.unet, z_t, t, cond)
+        elif self._mixed is not None:
+            policy_pred, ref_pred = self._predict_with_reference(z_t, t, cond)
+        else:
+            policy_pred = self._predict(self.unet, z_t, t, cond)
             with torch.no_grad(), self.reference() as ref_unet:
                 ref_pred = self._predict(ref_unet, z_t, t, cond)
+        if self.needs_reference:
             ref = self._per_sample_mse(ref_pred, target) if self.objective.uses_reference else None
             drift = self._per_sample_mse(policy_pred, ref_pred) if self.benign_anchor else None
 

@@ -42,7 +42,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         optimizer=OmegaConf.to_container(m.optimizer), lr_scheduler=OmegaConf.to_container(m.lr_scheduler),
         t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
         seed=cfg.seed, channels_last=m.get("channels_last", False), compile=m.get("compile", False),
-        benign_anchor=m.get("benign_anchor", 0.0),
+        benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
     )
     return module, datamodule
 

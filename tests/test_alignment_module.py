@@ -205,3 +205,32 @@ def test_anchor_pairs_are_held_by_the_benign_anchor_and_left_out_of_the_objectiv
     assert not torch.allclose(own.loss, module.objective(errs, batch["meta"]).loss)  # the anchor pair is really left out
     with pytest.raises(InputError, match="benign_anchor is 0"):
         unanchored.compute(batch, torch.Generator().manual_seed(5))
+
+
+def test_batched_reference_gives_the_separate_forwards_loss_and_gradients(tiny_components):
+    """model.batch_reference runs policy and reference as one doubled batch (peft's mixed-adapter forward):
+    same errors, loss and LoRA gradients as two forwards, with the reference exactly the base UNet."""
+    batch = random_batch(tiny_components)
+    batch["meta"] = {"categories": [["sexual"]] + [[]] * (batch["latents_w"].shape[0] - 1)}
+    results = []
+    for batched in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialization
+        module = make(copy.deepcopy(tiny_components), benign_anchor=3.0, batch_reference=batched)
+        perturb_lora(module)
+        errors = module.pair_errors(batch, torch.Generator().manual_seed(5))
+        out = module.compute(batch, torch.Generator().manual_seed(5))
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for _, p in module.trainable_parameters()])
+        results.append((errors, out.loss.detach(), grads))
+    (e0, loss0, g0), (e1, loss1, g1) = results
+    assert not torch.allclose(e1.policy_w, e1.ref_w)  # the adapters did act on the policy half
+    for name in ("policy_w", "policy_l", "ref_w", "ref_l", "drift_w", "drift_l"):
+        torch.testing.assert_close(getattr(e1, name), getattr(e0, name), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-7)
+    # batch-size-dependent summation order moves single elements by float rounding, not the gradient
+    assert g0.norm() > 0 and (g1 - g0).norm() / g0.norm() < 1e-4
+
+
+def test_batched_reference_needs_lora(tiny_components):
+    with pytest.raises(InputError, match="model.batch_reference: needs model.lora"):
+        make(tiny_components, lora=None, batch_reference=True)

@@ -13,8 +13,8 @@ def test_train_step_benchmark_runs_both_variants_on_the_toy_model(capsys):
     import train_step
 
     rows = train_step.main(["--model", "toy", "--batch", "2", "--steps", "1", "--warmup", "0", "--repeats", "2",
-                            "--also", "channels_last", "--sampling-steps", "2"])
-    assert [r["variant"] for r in rows] == ["reference", "ours", "ours [channels_last]"]
+                            "--also", "channels_last;batched", "--sampling-steps", "2"])
+    assert [r["variant"] for r in rows] == ["reference", "ours", "ours [channels_last]", "ours [batched]"]
     assert all(0 < r["min"] <= r["median"] <= r["max"] for r in rows)
     out = capsys.readouterr().out
     assert "| reference |" in out and "x reference" in out and "| ddim |" in out and "| dpm |" in out
