@@ -11,8 +11,8 @@ Both variants run in this process, side by side, on the same random-weight compo
   gradient scaler on GPUs (fp32 on CPU), PyTorch SDPA attention, AdamW.
 * ``ours``: the project's training path, ``AlignmentModule.compute`` on cached latents and text
   embeddings (what the DataLoader yields), the reference through disabled adapters (one UNet), plus the
-  switchable optimizations given by ``--ours`` (bf16, channels_last, fused AdamW, torch.compile, policy
-  and reference batched in one forward).
+  switchable optimizations given by ``--ours`` (bf16, channels_last, fused AdamW, torch.compile, cuDNN
+  attention first, policy and reference batched in one forward).
 
 Each variant: ``--warmup`` steps, then ``--repeats`` timed runs of ``--steps`` steps; pairs/s is
 ``batch * steps / time`` per run (median, min, max). On GPUs also peak memory, TFLOP/s and MFU (FLOPs of
@@ -137,6 +137,7 @@ class Ours:
             copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
             channels_last="channels_last" in options, batch_reference="batched" in options,
+            attention_backend="cudnn" if "cudnn_attention" in options else None,
             compile=next((mode for option, mode in COMPILE_MODES.items() if option in options), False),
         ).to(device)
         self.optimizer = self.module.configure_optimizers()["optimizer"]
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ours", default="auto",
                         help="comma list of bf16, channels_last, fused, compile, autotune (compile with max-autotune, "
-                             "no CUDA graphs), cudagraphs (compile with reduce-overhead), cudnn_benchmark, batched (policy and "
-                             "reference in one forward); auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
+                             "no CUDA graphs), cudagraphs (compile with reduce-overhead), cudnn_benchmark, cudnn_attention (cuDNN "
+                             "first for SDPA), batched (policy and reference in one forward); auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
     parser.add_argument("--also", default="", help="extra 'ours' variants to time, ';'-separated option lists")
     parser.add_argument("--sampling-steps", type=int, default=20, help="0 skips the sampling table")
     parser.add_argument("--threads", type=int, default=None)

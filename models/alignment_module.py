@@ -19,6 +19,7 @@ from torch import Tensor
 
 from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags, benign_drift, select_meta
 from data.errors import InputError
+from models.attention_backend import attention_backend, check_attention_backend
 from models.dtypes import torch_dtype
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 
@@ -48,6 +49,7 @@ class AlignmentModule(L.LightningModule):
         compile: bool | str = False,
         benign_anchor: float = 0.0,
         batch_reference: bool = False,
+        attention_backend: str | None = None,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -63,6 +65,7 @@ class AlignmentModule(L.LightningModule):
         if benign_anchor < 0:
             raise InputError(f"model.benign_anchor: expected a number >= 0, got {benign_anchor}")
         self.benign_anchor = float(benign_anchor)
+        self.attention_backend = check_attention_backend(attention_backend)
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
@@ -131,7 +134,8 @@ class AlignmentModule(L.LightningModule):
 
     def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         run = self._run_unet if unet is self.unet else unet
-        return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        with attention_backend(self.attention_backend):
+            return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
 
     def _predict_with_reference(self, z_t: Tensor, t: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """Policy and (detached) reference predictions from one forward, the adapters on for the first half only."""

@@ -234,3 +234,29 @@ def test_batched_reference_gives_the_separate_forwards_loss_and_gradients(tiny_c
 def test_batched_reference_needs_lora(tiny_components):
     with pytest.raises(InputError, match="model.batch_reference: needs model.lora"):
         make(tiny_components, lora=None, batch_reference=True)
+
+
+@pytest.mark.parametrize("name", ["cudnn", "math"])
+def test_attention_backend_is_first_in_sdpa_priority_during_every_unet_attention_call(tiny_components, name):
+    """CPUs ignore the priority order, so this checks what a GPU would see: the order at each attention call."""
+    from unittest import mock
+
+    from models.attention_backend import SDPA_BACKENDS
+
+    module = make(tiny_components, attention_backend=name)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return sdpa(*args, **kwargs)
+
+    default_first = torch._C._get_sdp_priority_order()[0]
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
+        module.compute(random_batch(tiny_components), torch.Generator().manual_seed(5))
+    assert seen and set(seen) == {int(SDPA_BACKENDS[name])} != {default_first}
+    assert torch._C._get_sdp_priority_order()[0] == default_first  # restored after the call
+
+
+def test_attention_backend_rejects_unknown_names(tiny_components):
+    with pytest.raises(InputError, match="model.attention_backend: expected null or one of"):
+        make(tiny_components, attention_backend="fa3")
