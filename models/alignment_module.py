@@ -98,8 +98,8 @@ class AlignmentModule(L.LightningModule):
             if self.needs_reference:
                 self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
         unet.train()  # from_pretrained returns eval mode; checkpointing and LoRA dropout need train mode
-        # batch_reference: policy and reference in one forward of the doubled batch (the backward then runs
-        # over both halves, so it pays only where the step is bound by launches, not by compute: README, Benchmark)
+        # batch_reference: policy and reference in one forward of the doubled batch. The backward then runs over
+        # both halves, so it pays only where reading weights or launching kernels, not compute, bounds the step.
         self._mixed = MixedAdapterBatch(unet) if batch_reference else None
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
