@@ -47,3 +47,15 @@ def test_safetydpo_recipe_anchors_its_experts_and_refuses_anchors_without_a_weig
     assert cfg.data.anchor_others is True and cfg.model.benign_anchor > 0
     with pytest.raises(InputError, match="data.anchor_others: needs model.benign_anchor > 0"):
         build_alignment(composed("objective=safetydpo", "model.benign_anchor=0"))
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment):
+    cfg = composed(f"experiment={experiment}")
+    assert cfg.model.pretrained and cfg.trainer.max_steps != 0
+
+
+def test_the_gpu_experiment_uses_the_benchmarks_fastest_settings():
+    cfg = composed("experiment=dpo_pickapic_sd15")
+    assert (cfg.model.frozen_dtype, cfg.model.channels_last, cfg.model.compile) == ("bfloat16", True, True)
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.benchmark
