@@ -175,16 +175,15 @@ class AlignmentModule(L.LightningModule):
         z_t = self.noise_scheduler.add_noise(latents, eps, t)
         target = (eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)).float()
 
-        ref = drift = None
-        if not self.needs_reference:
-            policy_pred = self._predict(self.unet, z_t, t, cond)
-        elif self._mixed is not None:
+        ref_pred = ref = drift = None
+        if self.needs_reference and self._mixed is not None:
             policy_pred, ref_pred = self._predict_with_reference(z_t, t, cond)
         else:
             policy_pred = self._predict(self.unet, z_t, t, cond)
-            with torch.no_grad(), self.reference() as ref_unet:
-                ref_pred = self._predict(ref_unet, z_t, t, cond)
-        if self.needs_reference:
+            if self.needs_reference:
+                with torch.no_grad(), self.reference() as ref_unet:
+                    ref_pred = self._predict(ref_unet, z_t, t, cond)
+        if ref_pred is not None:
             ref = self._per_sample_mse(ref_pred, target) if self.objective.uses_reference else None
             drift = self._per_sample_mse(policy_pred, ref_pred) if self.benign_anchor else None
 
