@@ -15,8 +15,9 @@ Both variants run in this process, side by side, on the same random-weight compo
   attention first, policy and reference batched in one forward).
 
 Each variant: ``--warmup`` steps, then ``--repeats`` timed runs of ``--steps`` steps; pairs/s is
-``batch * steps / time`` per run (median, min, max). On GPUs also peak memory, TFLOP/s and MFU (FLOPs of
-one step counted with ``torch.utils.flop_counter``). A last table gives sampling images/s.
+``batch * steps / time`` per run (median, min, max), the FLOPs of one step (``torch.utils.flop_counter``:
+matrix products, convolutions, attention) and the TFLOP/s they run at; on GPUs also peak memory and MFU.
+A last table gives sampling images/s.
 """
 from __future__ import annotations
 
@@ -182,10 +183,10 @@ def measure(name: str, step: Callable[[dict], None], batch: dict, device: torch.
         synchronize(device)
         rates.append(pairs * steps / (time.perf_counter() - start))
     row = {"variant": name, "median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    row["gflop_step"] = step_flops(step, batch) / 1e9  # the work a step asks for, whatever the device
+    row["tflops"] = row["gflop_step"] * row["median"] / pairs / 1e3
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        flops = step_flops(step, batch)
-        row["tflops"] = flops * row["median"] / pairs / 1e12
         name_gpu = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name_gpu), None)
         row["mfu"] = row["tflops"] / peak if peak else float("nan")
@@ -274,13 +275,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\ntraining step, dpo with LoRA r{LORA['rank']}, model {args.model} at {resolution} px, {args.batch} pairs/step, "
           f"{device_name}, torch {torch.__version__}\n")
     gpu = device.type == "cuda"
-    header = "| variant | pairs/s median | min | max | x reference |" + (" peak GiB | TFLOP/s | MFU |" if gpu else "")
-    print(header + "\n|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""))
+    header = "| variant | pairs/s median | min | max | x reference | GFLOP/step | TFLOP/s |" + (" peak GiB | MFU |" if gpu else "")
+    print(header + "\n|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""))
     base = rows[0]["median"]
     for r in rows:
-        line = f"| {r['variant']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['median'] / base:.2f} |"
+        line = (f"| {r['variant']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['median'] / base:.2f} | "
+                f"{r['gflop_step']:.1f} | {r['tflops']:.3g} |")
         if gpu:
-            line += f" {r['peak_gib']:.1f} | {r['tflops']:.0f} | {r['mfu']:.0%} |"
+            line += f" {r['peak_gib']:.1f} | {r['mfu']:.0%} |"
         print(line)
     if args.sampling_steps <= 0:
         return rows
