@@ -159,9 +159,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def count_cpu_flash_attention() -> None:
+    """FlopCounterMode knows the GPU attention kernels but not the CPU flash kernel; count it as it counts them
+    (the backward's 5 matrix products included), so CPU and GPU FLOPs per step agree."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def step_flops(step: Callable[[dict], None], batch: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
+    count_cpu_flash_attention()
     counter = FlopCounterMode(display=False)
     with counter:
         step(batch)
