@@ -44,6 +44,7 @@ from models.components import SDComponents, load_components  # noqa: E402
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # benchmark option -> model.compile value
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
+OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", *COMPILE_MODES}
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -266,6 +267,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     options = ({"bf16", "channels_last", "fused", "cudnn_benchmark"} if device.type == "cuda" else set()) if args.ours == "auto" \
         else {o for o in args.ours.split(",") if o}
+    # None: the reference recipe; a set: ours with those options (the first is --ours, then each of --also)
+    variants: list[set[str] | None] = [None, options] + [{o for o in extra.split(",") if o}
+                                                         for extra in filter(None, args.also.split(";"))]
+    for opts in filter(None, variants):
+        if opts - OPTIONS:
+            parser.error(f"unknown option(s) {sorted(opts - OPTIONS)} in --ours/--also; known: {sorted(OPTIONS)}")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         components = components_for(args.model, Path(tmp))
@@ -274,9 +281,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     beta = 5000.0
-    # None: the reference recipe; a set: ours with those options (the first is --ours, then each of --also)
-    variants: list[set[str] | None] = [None, options] + [{o for o in extra.split(",") if o}
-                                                         for extra in filter(None, args.also.split(";"))]
     rows = []
     for opts in variants:
         name = "reference" if opts is None else "ours" + (f" [{','.join(sorted(opts))}]" if opts else "")

@@ -53,3 +53,12 @@ def test_ours_and_reference_compute_the_same_dpo_loss_on_the_same_latents():
     torch.testing.assert_close(reference, theirs_ref, rtol=1e-4, atol=1e-6)
     ours_loss = ours.module.objective(PairErrors(policy[:2], policy[2:], reference[:2], reference[2:])).loss
     torch.testing.assert_close(ours_loss, train_step.recipe_dpo_loss(theirs_policy, theirs_ref, 5000.0), rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_option_is_refused_by_name(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    with pytest.raises(SystemExit):
+        train_step.main(["--model", "toy", "--also", "bf16,cudnn_attn"])
+    assert "unknown option(s) ['cudnn_attn']" in capsys.readouterr().err
