@@ -31,6 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ from models.components import SDComponents, load_components  # noqa: E402
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # benchmark option -> model.compile value
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
-OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", *COMPILE_MODES}
+OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", "lightning", *COMPILE_MODES}
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -82,7 +83,32 @@ def recipe_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> to
     return -torch.nn.functional.logsigmoid(-beta * 0.5 * diff).mean()
 
 
-class Reference:
+class Variant:
+    """One side of the comparison: a training ``step`` on a host batch, timed by :meth:`rates`."""
+
+    device: torch.device
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def rates(self, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> list[float]:
+        """Pairs/s of ``repeats`` runs of ``steps`` steps after ``warmup`` steps (peak memory counted from the
+        first timed step)."""
+        for _ in range(warmup):
+            self.step(batch)
+        synchronize(self.device)
+        reset_peak_memory(self.device)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step(batch)
+            synchronize(self.device)
+            rates.append(pairs * steps / (time.perf_counter() - start))
+        return rates
+
+
+class Reference(Variant):
     """The public recipe, rebuilt with our components (see module docstring)."""
 
     def __init__(self, components: SDComponents, device: torch.device, beta: float) -> None:
@@ -129,12 +155,12 @@ class Reference:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-class Ours:
+class Ours(Variant):
     """The project's path: ``AlignmentModule`` (as ``train.py`` builds it) on cached latents."""
 
     def __init__(self, components: SDComponents, device: torch.device, beta: float, options: set[str]) -> None:
         self.device = device
-        bf16 = "bf16" in options
+        self.bf16 = bf16 = "bf16" in options
         self.module = AlignmentModule(
             copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
@@ -155,9 +181,51 @@ class Ours:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+class OursTrainer(Ours):
+    """``ours`` run as ``train.py`` runs it: Lightning's Trainer with a DataLoader, the batch's device transfer,
+    ``training_step`` (per-step generator, finite-loss check, logging), optimizer and scheduler steps. Only the
+    progress bar is off. Its FLOPs and ``--profile`` come from the bare step, which does the same work."""
+
+    def rates(self, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> list[float]:
+        from torch.utils.data import DataLoader
+
+        cached = {k: batch[k] for k in ("latents_w", "latents_l", "prompt_embeds")}  # what the latent cache yields
+        boundaries = [warmup + r * steps for r in range(repeats + 1)]
+        timer = BoundaryTimer(self.device, boundaries)
+        loader = DataLoader([cached] * (boundaries[-1] + 1), batch_size=None, pin_memory=self.device.type == "cuda")
+        trainer = L.Trainer(accelerator="gpu" if self.device.type == "cuda" else "cpu", devices=1,
+                            precision="bf16-mixed" if self.bf16 else "32-true", max_steps=boundaries[-1] + 1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[timer])
+        trainer.fit(self.module, train_dataloaders=loader)
+        t = timer.times
+        return [pairs * steps / (t[b1] - t[b0]) for b0, b1 in zip(boundaries, boundaries[1:])]
+
+
+class BoundaryTimer(L.Callback):
+    """Notes the time (after a device sync) as each of the given batch indices starts; only there, so the host
+    runs ahead of the device between boundaries as in training."""
+
+    def __init__(self, device: torch.device, boundaries: list[int]) -> None:
+        self.device, self.boundaries, self.first = device, set(boundaries), min(boundaries)
+        self.times: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        if batch_idx in self.boundaries:
+            synchronize(self.device)
+            if batch_idx == self.first:
+                reset_peak_memory(self.device)
+            self.times[batch_idx] = time.perf_counter()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def count_cpu_flash_attention() -> None:
@@ -188,22 +256,11 @@ def step_flops(step: Callable[[dict], None], batch: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(name: str, step: Callable[[dict], None], batch: dict, device: torch.device, pairs: int,
+def measure(name: str, runner: Variant, batch: dict, device: torch.device, pairs: int,
             steps: int, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        step(batch)
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(batch)
-        synchronize(device)
-        rates.append(pairs * steps / (time.perf_counter() - start))
+    rates = runner.rates(batch, pairs, steps, warmup, repeats)
     row = {"variant": name, "median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-    row["gflop_step"] = step_flops(step, batch) / 1e9  # the work a step asks for, whatever the device
+    row["gflop_step"] = step_flops(runner.step, batch) / 1e9  # the work a step asks for, whatever the device
     row["tflops"] = row["gflop_step"] * row["median"] / pairs / 1e3
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -256,7 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ours", default="auto",
                         help="comma list of bf16, channels_last, fused, compile, autotune (compile with max-autotune, "
                              "no CUDA graphs), cudagraphs (compile with reduce-overhead), cudnn_benchmark, cudnn_attention (cuDNN "
-                             "first for SDPA), batched (policy and reference in one forward); auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
+                             "first for SDPA), batched (policy and reference in one forward), lightning (run by Lightning's Trainer "
+                             "with a DataLoader, as train.py runs it); auto: bf16,channels_last,fused,cudnn_benchmark on GPUs, none on CPU")
     parser.add_argument("--also", default="", help="extra 'ours' variants to time, ';'-separated option lists")
     parser.add_argument("--sampling-steps", type=int, default=20, help="0 skips the sampling table")
     parser.add_argument("--threads", type=int, default=None)
@@ -286,8 +344,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = "reference" if opts is None else "ours" + (f" [{','.join(sorted(opts))}]" if opts else "")
         # the public recipe leaves cuDNN's default
         torch.backends.cudnn.benchmark = opts is not None and "cudnn_benchmark" in opts
-        runner = Reference(components, device, beta) if opts is None else Ours(components, device, beta, opts)
-        rows.append(measure(name, runner.step, batch, device, args.batch, args.steps, args.warmup, args.repeats))
+        runner = Reference(components, device, beta) if opts is None else \
+            (OursTrainer if "lightning" in opts else Ours)(components, device, beta, opts)
+        rows.append(measure(name, runner, batch, device, args.batch, args.steps, args.warmup, args.repeats))
         print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
         if args.profile:
             print_profile(name, runner.step, batch, device, args.steps)

@@ -13,13 +13,13 @@ def test_train_step_benchmark_runs_both_variants_on_the_toy_model(capsys):
     import train_step
 
     rows = train_step.main(["--model", "toy", "--batch", "2", "--steps", "1", "--warmup", "0", "--repeats", "2",
-                            "--also", "channels_last;batched", "--sampling-steps", "2"])
-    assert [r["variant"] for r in rows] == ["reference", "ours", "ours [channels_last]", "ours [batched]"]
+                            "--also", "channels_last;batched;lightning", "--sampling-steps", "2"])
+    assert [r["variant"] for r in rows] == ["reference", "ours", "ours [channels_last]", "ours [batched]", "ours [lightning]"]
     assert all(0 < r["min"] <= r["median"] <= r["max"] for r in rows)
     # FLOPs per step: the reference also encodes images and prompts; the batched forward also runs the
     # backward over the reference half; channels_last changes layout, not work
-    reference, ours, channels_last, batched = (r["gflop_step"] for r in rows)
-    assert ours < reference and batched > ours and channels_last == pytest.approx(ours)
+    reference, ours, channels_last, batched, lightning = (r["gflop_step"] for r in rows)
+    assert ours < reference and batched > ours and channels_last == pytest.approx(ours) == lightning
     out = capsys.readouterr().out
     assert "| reference |" in out and "x reference" in out and "| ddim |" in out and "| dpm |" in out
 
