@@ -24,6 +24,13 @@ from models.dtypes import torch_dtype
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 
 
+def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None) -> None:
+    """``model.batch_reference`` runs the reference as the same UNet with its adapters off, so it needs LoRA."""
+    if batch_reference and lora is None:
+        raise InputError("model.batch_reference: needs model.lora (the reference must be the same UNet with its "
+                         "adapters off); full fine-tuning keeps a separate reference UNet")
+
+
 class NonFiniteLoss(InputError):
     """The loss became NaN or infinite: training stops before the optimizer step, so no weights are corrupted."""
 
@@ -69,9 +76,7 @@ class AlignmentModule(L.LightningModule):
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
-        if batch_reference and lora is None:
-            raise InputError("model.batch_reference: needs model.lora (the reference must be the same UNet with its "
-                             "adapters off); full fine-tuning keeps a separate reference UNet")
+        check_batch_reference(batch_reference, lora)
         # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
         self.strict_loading = False
 

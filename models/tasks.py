@@ -20,7 +20,8 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     from hydra.utils import instantiate
 
     from alignment.base import Objective
-    from models.alignment_module import AlignmentModule
+    from models.alignment_module import AlignmentModule, check_batch_reference
+    from models.attention_backend import check_attention_backend
     from models.components import load_model
     from models.encoders import ConditionEncoder
 
@@ -32,6 +33,9 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     if cfg.data.get("anchor_others") and not m.get("benign_anchor", 0.0):
         raise InputError("data.anchor_others: needs model.benign_anchor > 0, the weight that holds the anchor "
                          "pairs at the reference (they get no objective loss)")
+    # settings the module checks too, checked here before a real checkpoint takes minutes to load
+    check_attention_backend(m.get("attention_backend"))
+    check_batch_reference(m.get("batch_reference", False), m.lora)
     components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)

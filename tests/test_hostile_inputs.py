@@ -128,3 +128,22 @@ def test_config_typo_is_one_line_with_a_suggestion(override, expected):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), override], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == f"error: {expected}", result.stderr[-1500:]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.attention_backend=fa3"], "model.attention_backend: expected null or one of"),
+    (["model.batch_reference=true", "model.lora=null"], "model.batch_reference: needs model.lora"),
+])
+def test_speed_settings_are_checked_before_the_model_loads(overrides, expected):
+    """A real checkpoint takes minutes to load: bad speed settings fail first."""
+    from unittest import mock
+
+    from hydra import compose, initialize_config_dir
+
+    from models.tasks import build_alignment
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    with mock.patch("models.components.load_model", side_effect=AssertionError("the model was loaded")):
+        with pytest.raises(InputError, match=expected.replace(".", r"\.")):
+            build_alignment(cfg)
