@@ -24,11 +24,15 @@ from models.dtypes import torch_dtype
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 
 
-def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None) -> None:
-    """``model.batch_reference`` runs the reference as the same UNet with its adapters off, so it needs LoRA."""
+def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None, gradient_checkpointing: bool) -> None:
+    """``model.batch_reference`` runs the reference as the same UNet with its adapters off, so it needs LoRA; and
+    which samples skip the adapters is known during the forward only, not when checkpointing recomputes it."""
     if batch_reference and lora is None:
         raise InputError("model.batch_reference: needs model.lora (the reference must be the same UNet with its "
                          "adapters off); full fine-tuning keeps a separate reference UNet")
+    if batch_reference and gradient_checkpointing:
+        raise InputError("model.batch_reference: cannot be combined with model.gradient_checkpointing (the "
+                         "recomputed forward would run the adapters on the reference half too)")
 
 
 class NonFiniteLoss(InputError):
@@ -76,7 +80,7 @@ class AlignmentModule(L.LightningModule):
         self.prediction_type = noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
-        check_batch_reference(batch_reference, lora)
+        check_batch_reference(batch_reference, lora, gradient_checkpointing)
         # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
         self.strict_loading = False
 

@@ -35,7 +35,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
                          "pairs at the reference (they get no objective loss)")
     # settings the module checks too, checked here before a real checkpoint takes minutes to load
     check_attention_backend(m.get("attention_backend"))
-    check_batch_reference(m.get("batch_reference", False), m.lora)
+    check_batch_reference(m.get("batch_reference", False), m.lora, m.gradient_checkpointing)
     components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)

@@ -231,9 +231,11 @@ def test_batched_reference_gives_the_separate_forwards_loss_and_gradients(tiny_c
     assert g0.norm() > 0 and (g1 - g0).norm() / g0.norm() < 1e-4
 
 
-def test_batched_reference_needs_lora(tiny_components):
+def test_batched_reference_needs_lora_and_no_gradient_checkpointing(tiny_components):
     with pytest.raises(InputError, match="model.batch_reference: needs model.lora"):
         make(tiny_components, lora=None, batch_reference=True)
+    with pytest.raises(InputError, match="model.batch_reference: cannot be combined with model.gradient_checkpointing"):
+        make(tiny_components, batch_reference=True, gradient_checkpointing=True)
 
 
 @pytest.mark.parametrize("name", ["cudnn", "math"])

@@ -133,6 +133,7 @@ def test_config_typo_is_one_line_with_a_suggestion(override, expected):
 @pytest.mark.parametrize("overrides, expected", [
     (["model.attention_backend=fa3"], "model.attention_backend: expected null or one of"),
     (["model.batch_reference=true", "model.lora=null"], "model.batch_reference: needs model.lora"),
+    (["model.batch_reference=true", "model.gradient_checkpointing=true"], "model.batch_reference: cannot be combined"),
 ])
 def test_speed_settings_are_checked_before_the_model_loads(overrides, expected):
     """A real checkpoint takes minutes to load: bad speed settings fail first."""
