@@ -176,7 +176,7 @@ class Ours(Variant):
         on_device = {k: batch[k].to(self.device, non_blocking=True) for k in ("latents_w", "latents_l", "prompt_embeds")}
         with self.autocast:
             out = self.module.compute(on_device, self.generator)
-        out.loss.backward()
+        self.module.backward(out.loss)  # the module's hook, as Lightning calls it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -250,6 +250,11 @@ class AlignmentModule(L.LightningModule):
         self.log("loss", out.metrics["loss"], prog_bar=True, logger=False, batch_size=n)
         return out.loss
 
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Under the attention backend too: gradient checkpointing recomputes attention during the backward."""
+        with attention_backend(self.attention_backend):
+            super().backward(loss, *args, **kwargs)
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         # A fixed generator per batch makes validation losses comparable across epochs.
         generator = torch.Generator().manual_seed(10_000 + batch_idx)

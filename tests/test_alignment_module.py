@@ -239,13 +239,14 @@ def test_batched_reference_needs_lora_and_no_gradient_checkpointing(tiny_compone
 
 
 @pytest.mark.parametrize("name", ["cudnn", "math"])
-def test_attention_backend_is_first_in_sdpa_priority_during_every_unet_attention_call(tiny_components, name):
-    """CPUs ignore the priority order, so this checks what a GPU would see: the order at each attention call."""
+def test_attention_backend_is_first_in_sdpa_priority_at_every_attention_call_and_recompute(tiny_components, name):
+    """CPUs ignore the priority order, so this checks what a GPU would see: the order at each attention call,
+    the ones gradient checkpointing recomputes in the backward included."""
     from unittest import mock
 
     from models.attention_backend import SDPA_BACKENDS
 
-    module = make(tiny_components, attention_backend=name)
+    module = make(tiny_components, attention_backend=name, gradient_checkpointing=True)
     sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
 
     def spy(*args, **kwargs):
@@ -254,8 +255,11 @@ def test_attention_backend_is_first_in_sdpa_priority_during_every_unet_attention
 
     default_first = torch._C._get_sdp_priority_order()[0]
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", spy):
-        module.compute(random_batch(tiny_components), torch.Generator().manual_seed(5))
-    assert seen and set(seen) == {int(SDPA_BACKENDS[name])} != {default_first}
+        loss = module.compute(random_batch(tiny_components), torch.Generator().manual_seed(5)).loss
+        forward_calls = len(seen)
+        module.backward(loss)  # Lightning's hook; checkpointing recomputes the attention here
+    assert len(seen) > forward_calls > 0  # checkpointing ran the policy's attention again in the backward
+    assert set(seen) == {int(SDPA_BACKENDS[name])} != {default_first}
     assert torch._C._get_sdp_priority_order()[0] == default_first  # restored after the call
 
 
