@@ -46,6 +46,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # benchmark option -> model.compile value
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
 OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", "lightning", *COMPILE_MODES}
+CACHED_KEYS = ("latents_w", "latents_l", "prompt_embeds")  # what ours' latent cache yields per batch
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -173,7 +174,7 @@ class Ours(Variant):
         self.generator = torch.Generator().manual_seed(0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
-        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in ("latents_w", "latents_l", "prompt_embeds")}
+        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in CACHED_KEYS}
         with self.autocast:
             out = self.module.compute(on_device, self.generator)
         self.module.backward(out.loss)  # the module's hook, as Lightning calls it
@@ -189,7 +190,7 @@ class OursTrainer(Ours):
     def rates(self, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> list[float]:
         from torch.utils.data import DataLoader
 
-        cached = {k: batch[k] for k in ("latents_w", "latents_l", "prompt_embeds")}  # what the latent cache yields
+        cached = {k: batch[k] for k in CACHED_KEYS}
         boundaries = [warmup + r * steps for r in range(repeats + 1)]
         timer = BoundaryTimer(self.device, boundaries)
         loader = DataLoader([cached] * (boundaries[-1] + 1), batch_size=None, pin_memory=self.device.type == "cuda")
@@ -256,8 +257,8 @@ def step_flops(step: Callable[[dict], None], batch: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(name: str, runner: Variant, batch: dict, device: torch.device, pairs: int,
-            steps: int, warmup: int, repeats: int) -> dict:
+def measure(name: str, runner: Variant, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> dict:
+    device = runner.device
     rates = runner.rates(batch, pairs, steps, warmup, repeats)
     row = {"variant": name, "median": statistics.median(rates), "min": min(rates), "max": max(rates)}
     row["gflop_step"] = step_flops(runner.step, batch) / 1e9  # the work a step asks for, whatever the device
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cudnn.benchmark = opts is not None and "cudnn_benchmark" in opts
         runner = Reference(components, device, beta) if opts is None else \
             (OursTrainer if "lightning" in opts else Ours)(components, device, beta, opts)
-        rows.append(measure(name, runner, batch, device, args.batch, args.steps, args.warmup, args.repeats))
+        rows.append(measure(name, runner, batch, args.batch, args.steps, args.warmup, args.repeats))
         print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
         if args.profile:
             print_profile(name, runner.step, batch, device, args.steps)
