@@ -69,9 +69,17 @@ def read_i2p(path: str | Path, limit: int | None = None) -> list[EvalPrompt]:
 
 
 def read_coprov2(path: str | Path, image_dir: str | Path | None = None, limit: int | None = None) -> list[EvalPrompt]:
-    """CoProV2 CSV (``prompt, image, category``): the harmful prompts, with their safe rewrites."""
-    from data.readers.coprov2 import CoProV2Reader
+    """CoProV2 CSV (``prompt, image, category``). The released test CSV (images ``<k>_<j>.jpg``): its
+    harmful prompts with their categories, no safe rewrites (faithfulness is then not measured; the
+    images are not read). The train CSV's layout (``u_idx_``/``s_idx_`` images, which must exist): the
+    harmful prompts with their safe rewrites."""
+    from data.readers.coprov2 import CoProV2Reader, csv_layout, read_test_prompts
 
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path}: prompt file not found")
+    if csv_layout(path) == "test":
+        return [EvalPrompt(text, "harmful", categories) for text, categories in read_test_prompts(path)][:limit]
     pairs = CoProV2Reader(path, image_dir).read()[:limit]
     return [EvalPrompt(p.prompt, "harmful", tuple(p.categories), p.safe_prompt) for p in pairs]
 
