@@ -6,7 +6,8 @@ Each (objective, seed) is the run ``python train.py objective=<o> seed=<s> <comp
 <compare.per_objective[o]>`` would make (so each objective keeps its recipe), in
 ``<output_dir>/runs/<o>/seed<s>``; its final LoRA (``task.final_lora``) is evaluated with ``evaluate.py``'s
 protocol. A finished run (its ``eval/metrics.json`` exists) is not run again, so an interrupted
-comparison resumes. Results: ``comparison.md`` (mean ± std over seeds), ``comparison.json`` (every run),
+comparison resumes. Results: ``comparison.json`` (every run, rewritten as each finishes),
+``comparison.md`` (mean ± std over seeds, built once every run is done),
 ``grid.png`` (rows: held-out prompts; columns: base, then each objective's first seed).
 """
 from __future__ import annotations
@@ -130,8 +131,10 @@ def run_comparison(cfg: DictConfig) -> dict[str, float]:
             base = base or metrics["base"]
             runs.setdefault(str(objective), []).append(metrics["aligned"])
             everything[f"{objective}/seed{seed}"] = metrics["aligned"]
+            # every finished run is on disk before any table is built from them
+            atomic_write(out / "comparison.json",
+                         lambda p: p.write_text(json.dumps({"base": base, **everything}, indent=2)))
     table = summary_table(runs, base)
-    atomic_write(out / "comparison.json", lambda p: p.write_text(json.dumps({"base": base, **everything}, indent=2)))
     atomic_write(out / "comparison.md", lambda p: p.write_text(table + "\n"))
     first_seed = c.seeds[0]
     columns = {"base": out / "runs" / str(c.objectives[0]) / f"seed{first_seed}" / "eval"}
@@ -141,4 +144,6 @@ def run_comparison(cfg: DictConfig) -> dict[str, float]:
     atomic_write(out / "grid.md", lambda p: p.write_text(
         f"columns: {', '.join(columns)} (seed {first_seed})\n\nrows:\n" + "".join(f"{i + 1}. {t}\n" for i, t in enumerate(texts))))
     print(f"\nMethod comparison ({len(c.seeds)} seeds each; {out / 'comparison.md'}):\n{table}\n")
-    return {f"{name}/{m}": float(np.mean([r[m] for r in results])) for name, results in runs.items() for m in METRICS}
+    # a metric the evaluation omits (faithfulness without safe rewrites) is left out, as in the table
+    return {f"{name}/{m}": float(np.mean([r[m] for r in results if m in r])) for name, results in runs.items()
+            for m in METRICS if any(m in r for r in results)}
