@@ -68,7 +68,9 @@ def test_winner_and_loser_share_timestep_and_noise(tiny_components):
     batch = random_batch(tiny_components)
     batch["latents_l"] = batch["latents_w"].clone()
     errs = module.pair_errors(batch)
-    assert torch.equal(errs.policy_w, errs.policy_l) and torch.equal(errs.ref_w, errs.ref_l)
+    # the same inputs at different batch positions: equal up to float32 rounding (kernels may differ by position)
+    torch.testing.assert_close(errs.policy_w, errs.policy_l, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(errs.ref_w, errs.ref_l, rtol=1e-5, atol=1e-7)
 
 
 def test_one_dpo_step_lowers_winner_minus_loser_error(tiny_components):
