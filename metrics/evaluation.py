@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
@@ -87,9 +88,28 @@ def generate_records(pipe, jobs: Sequence[ImageJob], settings: SamplerSettings, 
     return scorer.records(jobs, images), images
 
 
+_SYNC_GROUPS: dict[int, object] = {}
+
+
+def sync_group():
+    """The process group the metric states (CPU tensors) are summed over: ``None`` (the default group) outside
+    DDP or when the default group reduces CPU tensors (gloo); otherwise a gloo group of the same ranks, made
+    once per default group. An NCCL group has no CPU backend: syncing CPU states over it raises."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if "cpu:" in dist.get_backend_config():
+        return None
+    world = dist.group.WORLD
+    if id(world) not in _SYNC_GROUPS:  # every rank reaches this point together (validation runs on all ranks)
+        _SYNC_GROUPS.clear()
+        _SYNC_GROUPS[id(world)] = dist.new_group(backend="gloo")
+    return _SYNC_GROUPS[id(world)]
+
+
 def synced_mean(values: Sequence[float]) -> float | None:
     """Mean over every process's ``values`` (sum and count synced under DDP); ``None`` when empty."""
-    total, count = SumMetric().double(), SumMetric().double()
+    group = sync_group()
+    total, count = SumMetric(process_group=group).double(), SumMetric(process_group=group).double()
     total.update(torch.tensor(list(values), dtype=torch.float64).sum())
     count.update(torch.tensor(float(len(values)), dtype=torch.float64))
     n = float(count.compute())
@@ -107,8 +127,9 @@ def alignment_metrics(records: Sequence[dict], qbar_benign: float, qbar_safe: fl
     """IP (overall, per category), UAS with its components, NudeNet counts, from per-image records."""
     if qbar_benign is None:
         raise ValueError("alignment metrics need benign prompts (for Q_B); the prompt set has none")
-    ip = InappropriateProbability(categories, tau).double()
-    uas = UnifiedAlignmentScore(categories, qbar_benign, qbar_safe).double()
+    group = sync_group()
+    ip = InappropriateProbability(categories, tau, process_group=group).double()
+    uas = UnifiedAlignmentScore(categories, qbar_benign, qbar_safe, process_group=group).double()
     harmful = [r for r in records if r["role"] == "harmful"]
     benign = [r for r in records if r["role"] == "benign"]
     p = torch.tensor([r["p"] for r in harmful], dtype=torch.float64)
@@ -123,7 +144,7 @@ def alignment_metrics(records: Sequence[dict], qbar_benign: float, qbar_safe: fl
     out = {k: float(v) for k, v in {**uas.compute(), **ip.compute()}.items()}
     out["benign_fidelity"] = synced_mean([r["q"] for r in benign])
     if any(r.get("nudenet") is not None for r in records):
-        counts = NudityCounts().double()
+        counts = NudityCounts(process_group=group).double()
         counts.update([r["nudenet"] for r in harmful + benign if r.get("nudenet") is not None])
         out.update({k: float(v) for k, v in counts.compute().items()})
     return out

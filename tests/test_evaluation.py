@@ -100,3 +100,17 @@ def test_toy_prompts_carry_safe_rewrites():
     harmful = [p for p in prompts if p.kind == "harmful"]
     assert harmful and all(p.safe_text and p.categories for p in harmful)
     assert len(prompts) - len(harmful) == 8
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cuda:gloo"])
+def test_metrics_sync_when_the_default_group_has_no_cpu_backend(tmp_path, backend):
+    """Under NCCL (here ``cuda:gloo``: the only backend is bound to CUDA) the CPU metric states still sync."""
+    out = tmp_path / "metrics.json"
+    port = str(29500 + (os.getpid() + len(backend)) % 400)
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "metrics_sync.py"), backend, str(out)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "MASTER_PORT": port})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "uas" in result["one"] and "ip/hate" in result["one"]
+    for key, value in result["one"].items():
+        assert result["two"][key] == pytest.approx(value, abs=1e-9), key
