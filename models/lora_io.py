@@ -1,4 +1,5 @@
-"""Export LoRA adapters in the diffusers format that ``StableDiffusionPipeline.load_lora_weights`` reads."""
+"""Export LoRA adapters in the diffusers format that ``StableDiffusionPipeline.load_lora_weights`` reads, and in
+the kohya-ss format that AUTOMATIC1111, ComfyUI and kohya's scripts read."""
 from __future__ import annotations
 
 import os
@@ -6,11 +7,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
+from torch import Tensor
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Beside the diffusers file; diffusers still picks LORA_WEIGHT_NAME when given only the directory.
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 
 
 def read_lora(path: str | Path, key: str) -> tuple[Path, dict]:
@@ -52,4 +57,37 @@ def save_unet_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_na
         os.replace(staging / LORA_WEIGHT_NAME, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def kohya_state_dict(unet: UNet2DConditionModel, adapter_name: str = "default") -> dict[str, Tensor]:
+    """One adapter of ``unet`` in kohya-ss keys: per adapted module ``lora_unet_<path, dots as _>`` with
+    ``.lora_down.weight`` (peft's A), ``.lora_up.weight`` (B) and ``.alpha``, a scalar with
+    ``alpha / rank`` = the scale peft applies (so rslora and per-module ranks or alphas carry over)."""
+    state: dict[str, Tensor] = {}
+    for name, module in unet.named_modules():
+        if adapter_name not in getattr(module, "lora_A", {}):
+            continue
+        down, up = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
+        state[f"{key}.lora_up.weight"] = up.detach().float().cpu().contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(module.scaling[adapter_name]) * down.shape[0])
+    if not state:
+        raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+    return state
+
+
+def save_kohya_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write one adapter of ``unet`` to ``directory/lora_kohya.safetensors`` in kohya-ss keys, atomically."""
+    from safetensors.torch import save_file
+
+    from metrics.reporting import atomic_write
+
+    state = kohya_state_dict(unet, adapter_name)
+    config = unet.peft_config[adapter_name]
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha)}
+    target = Path(directory) / KOHYA_WEIGHT_NAME
+    atomic_write(target, lambda path: save_file(state, str(path), metadata=metadata))
     return target
