@@ -47,14 +47,19 @@ def names(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
 
 
-def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("targets, count, example", [
+    (None, 32, "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0"),  # 8 attentions x 4
+    (["proj_in", "ff.net.0.proj", "conv1"], 4 + 4 + 8, "lora_unet_mid_block_resnets_1_conv1"),
+])
+def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_path, targets, count, example):
     """diffusers detects the kohya keys and converts them back: the UNet computes what the diffusers file gives."""
     from diffusers import StableDiffusionPipeline
 
     from models.components import load_components
     from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
 
-    module = lora_module(load_components(str(tiny_pipeline_dir)))  # alpha 8 / rank 4: the scale 2 must carry over
+    # alpha 8 / rank 4: the scale 2 must carry over
+    module = lora_module(load_components(str(tiny_pipeline_dir)), **({"target_modules": targets} if targets else {}))
     g = torch.Generator().manual_seed(0)
     for _, p in module.trainable_parameters():
         p.data = 0.1 * torch.randn(p.shape, generator=g)
@@ -63,9 +68,8 @@ def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_p
 
     kohya = load_file(tmp_path / KOHYA_WEIGHT_NAME)
     modules = {k.rsplit(".", 1)[0] if k.endswith(".alpha") else k.rsplit(".", 2)[0] for k in kohya}
-    assert len(kohya) == 3 * len(modules) == 3 * 32  # 8 attention blocks x to_q, to_k, to_v, to_out.0
-    assert all(m.startswith("lora_unet_") and "." not in m for m in modules)
-    assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0" in modules
+    assert len(kohya) == 3 * len(modules) == 3 * count
+    assert all(m.startswith("lora_unet_") and "." not in m for m in modules) and example in modules
     assert all(kohya[f"{m}.alpha"].shape == () and float(kohya[f"{m}.alpha"]) == 8.0 for m in modules)
     assert all(kohya[f"{m}.lora_down.weight"].shape[0] == 4 == kohya[f"{m}.lora_up.weight"].shape[1] for m in modules)
 
