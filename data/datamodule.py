@@ -27,29 +27,36 @@ class CachedPairDataset(Dataset):
     """Items are dicts of cached tensors plus per-pair metadata; flip and prompt dropout happen here."""
 
     def __init__(self, cache: CacheReader, pairs: Sequence[PreferencePair], indices: Sequence[int],
-                 random_flip: bool = False, p_uncond: float = 0.0, anchor_indices: Sequence[int] = ()) -> None:
+                 random_flip: bool = False, p_uncond: float = 0.0, anchor_indices: Sequence[int] = (),
+                 seed: int = 0) -> None:
         self.cache, self.pairs, self.indices = cache, pairs, list(indices)
         self.random_flip, self.p_uncond = random_flip, p_uncond
         self.anchor_indices = list(anchor_indices)
         self.has_losers = "latents_l" in cache.keys
+        self.seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.item(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``i``, or ``(epoch, i)`` as the training sampler gives it: the flip, prompt dropout and anchor
+        pair are drawn from (seed, epoch, i) alone, so a resumed run and any worker draw what the first did."""
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        draws = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + i) % 2**63)
+        item = self.item(self.indices[i], draws)
         if self.anchor_indices:
-            drawn = self.anchor_indices[int(torch.randint(len(self.anchor_indices), ()))]
-            item["anchor_item"] = self.item(drawn)
+            drawn = self.anchor_indices[int(torch.randint(len(self.anchor_indices), (), generator=draws))]
+            item["anchor_item"] = self.item(drawn, draws)
         return item
 
-    def item(self, index: int) -> dict[str, Any]:
-        """The cached tensors and metadata of pair ``index``."""
-        suffix = "_flip" if self.random_flip and torch.rand(()) < 0.5 else ""
+    def item(self, index: int, draws: torch.Generator | None = None) -> dict[str, Any]:
+        """The cached tensors and metadata of pair ``index``, augmented with draws from ``draws``."""
+        draws = draws if draws is not None else torch.Generator().manual_seed(index)
+        suffix = "_flip" if self.random_flip and torch.rand((), generator=draws) < 0.5 else ""
         item: dict[str, Any] = {"latents_w": self.cache.row("latents_w" + suffix, index).float()}
         if self.has_losers:
             item["latents_l"] = self.cache.row("latents_l" + suffix, index).float()
-        if self.p_uncond > 0 and torch.rand(()) < self.p_uncond:
+        if self.p_uncond > 0 and torch.rand((), generator=draws) < self.p_uncond:
             item["prompt_embeds"] = self.cache.uncond.float()
         else:
             item["prompt_embeds"] = self.cache.row("prompt_embeds", int(self.cache.prompt_index[index])).float()
@@ -239,24 +246,26 @@ class PreferenceDataModule(L.LightningDataModule):
         anchors = [i for i in self.anchor_indices(indices) if cache.valid[i]]
         if self.anchor_others and not anchors:
             log.warning("data.anchor_others: data.categories leaves no pair out, so there are no anchor pairs")
-        self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond, anchors)
+        self.train_set = CachedPairDataset(cache, self.pairs, train, self.random_flip, self.p_uncond, anchors,
+                                           seed=self.seed)
         self.val_set = CachedPairDataset(cache, self.pairs, val) if val else None
         log.info("data: %d train pairs, %d val pairs, %d anchor pairs (%s)", len(train), len(val), len(anchors),
                  self.reader.stats)
 
     # ------------------------------------------------------------ dataloaders
-    def batches_trained(self) -> int:
-        """Batches this rank has trained on (a resumed run: the checkpoint's step times accumulation)."""
+    def steps_trained(self) -> tuple[int, int]:
+        """Optimizer steps already taken (a resumed run: the checkpoint's) and the gradient accumulation."""
         trainer = getattr(self, "trainer", None)
-        return 0 if trainer is None else int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return (0, 1) if trainer is None else (int(trainer.global_step), int(trainer.accumulate_grad_batches))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by (seed, epoch), sharded over DDP ranks here (``use_distributed_sampler: false``),
         continuing mid-epoch where a resumed run stopped."""
         rank, world = distributed_rank()
-        sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
+        sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world, with_epoch=True)
         drop_last = sampler.per_rank >= self.batch_size
-        position = sampler.start_after(self.batches_trained(), self.batch_size, drop_last)
+        steps, accumulate = self.steps_trained()
+        position = sampler.start_after(steps, self.batch_size, drop_last, accumulate)
         if position:
             log.info("resuming inside epoch %d: skipping its first %d batches", sampler.start_epoch, position)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,

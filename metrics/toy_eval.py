@@ -62,15 +62,20 @@ class ToyAlignmentReport(L.Callback):
         reader = getattr(trainer.datamodule, "reader", None)
         return getattr(reader, "world", None) if getattr(reader, "kind", None) != "images" else None
 
-    def _evaluate(self, trainer: L.Trainer, module, world: ToyWorld, base: bool) -> tuple[dict, dict]:
-        pipe = trainer.datamodule.encoder.to(module.device).pipeline(
-            module.unet, DDIMScheduler.from_config(module.noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
+    def _evaluate(self, trainer: L.Trainer, module, world: ToyWorld, base: bool) -> tuple[dict, dict] | None:
+        """Metrics and images of the base model (``base``) or of the trained one; ``None`` when the base is
+        no longer available (full fine-tuning without a reference copy, resumed after its first step)."""
         prompts = {"benign": world.split["heldout_benign"], "harmful": world.split["heldout_harmful"]}
         images = {}
         was_training = module.training
         module.eval()
-        with torch.no_grad(), (module.reference() if base else nullcontext()):
+        with torch.no_grad(), (module.base() if base else nullcontext(module.unet)) as unet:
+            if unet is None:
+                module.train(was_training)
+                return None
+            pipe = trainer.datamodule.encoder.to(module.device).pipeline(
+                unet, DDIMScheduler.from_config(module.noise_scheduler.config))
+            pipe.set_progress_bar_config(disable=True)
             for kind, plist in prompts.items():
                 texts = [p.text for p in plist for _ in range(self.seeds_per_prompt)]
                 seeds = [self.seed + k for _ in plist for k in range(self.seeds_per_prompt)]
@@ -83,6 +88,9 @@ class ToyAlignmentReport(L.Callback):
         world = self._world(trainer)
         if world is not None and trainer.is_global_zero:
             self.before = self._evaluate(trainer, module, world, base=True)
+            if self.before is None:
+                log.warning("toy report: the base model is not available after the first step of full "
+                            "fine-tuning without a reference copy; no before/after table")
 
     def on_train_end(self, trainer: L.Trainer, module) -> None:
         world = self._world(trainer)

@@ -40,10 +40,11 @@ class AlignmentValidation(L.Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.grid_rows, self.every_n_steps = grid_rows, every_n_steps
         self.qbar: dict[str, float | None] | None = None
+        self._last_step = -1
         self.last_metrics: dict[str, float] = {}
 
-    def _pipeline(self, trainer: L.Trainer, module):
-        pipe = trainer.datamodule.encoder.to(module.device).pipeline(module.unet, module.noise_scheduler)
+    def _pipeline(self, trainer: L.Trainer, module, unet):
+        pipe = trainer.datamodule.encoder.to(module.device).pipeline(unet, module.noise_scheduler)
         use_scheduler(pipe, self.settings.scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -53,25 +54,55 @@ class AlignmentValidation(L.Callback):
                          with_safe_rewrites=with_safe)
         return shard(jobs, trainer.global_rank, trainer.world_size)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The base model's means travel in the checkpoint: a resumed full fine-tuning run cannot recompute them."""
+        return {"qbar": self.qbar}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.qbar = state_dict.get("qbar")
+
+    def on_train_start(self, trainer: L.Trainer, module) -> None:
+        # before the first step: the base model is still available even without a reference copy
+        self._last_step = trainer.global_step
+        if self.qbar is None:
+            self.base_statistics(trainer, module)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, module) -> None:
         if not trainer.sanity_checking and self.every_n_steps is None:
             self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # Under gradient accumulation this hook runs after every micro-batch; the step counter moves only on the
+        # micro-batch that stepped, so each multiple of every_n_steps is validated once (never step 0).
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self.run(trainer, module)
+
+    def base_statistics(self, trainer: L.Trainer, module) -> dict[str, float | None]:
+        """``qbar`` from the untrained model's images (the UNet with its adapters off, or the reference copy)."""
+        was_training = module.training
+        module.eval()
+        with torch.no_grad(), module.base() as unet:
+            if unet is None:
+                raise RuntimeError("validation: the base model is gone (full fine-tuning without a reference "
+                                   "copy, after its first step) and its means are not in the checkpoint")
+            base_records, _ = generate_records(self._pipeline(trainer, module, unet), self._jobs(True, trainer),
+                                               self.settings, self.scorer, progress=False)
+        module.train(was_training)
+        self.qbar = base_means(base_records)
+        if self.dirpath is not None and trainer.is_global_zero:
+            atomic_write(self.dirpath / "base_means.json", lambda p: p.write_text(json.dumps(self.qbar, indent=2)))
+        return self.qbar
 
     def run(self, trainer: L.Trainer, module) -> dict[str, float]:
         """Generate this rank's shard, score it, and log the metrics synced over all ranks."""
-        pipe = self._pipeline(trainer, module)
+        if self.qbar is None:
+            self.base_statistics(trainer, module)
+        pipe = self._pipeline(trainer, module, module.unet)
         was_training = module.training
         module.eval()
         with torch.no_grad():
-            if self.qbar is None:
-                with module.reference():
-                    base_records, _ = generate_records(pipe, self._jobs(True, trainer), self.settings, self.scorer,
-                                                       progress=False)
-                self.qbar = base_means(base_records)
             records, images = generate_records(pipe, self._jobs(False, trainer), self.settings, self.scorer,
                                                progress=False)
         module.train(was_training)

@@ -22,6 +22,7 @@ from data.errors import InputError
 from models.attention_backend import attention_backend, check_attention_backend
 from models.dtypes import torch_dtype
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
+from models.optimizers import build_optimizer
 
 
 def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None, gradient_checkpointing: bool) -> None:
@@ -33,6 +34,18 @@ def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None,
     if batch_reference and gradient_checkpointing:
         raise InputError("model.batch_reference: cannot be combined with model.gradient_checkpointing (the "
                          "recomputed forward would run the adapters on the reference half too)")
+
+
+HALF_PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16")
+
+
+def check_frozen_dtype(frozen_dtype: str, lora: Mapping[str, Any] | None, precision: Any) -> None:
+    """A half-precision frozen base under LoRA multiplies half weights by float32 activations unless
+    Lightning's precision casts them (autocast): refuse the combination that would fail in the first step."""
+    torch_dtype(frozen_dtype, "model.frozen_dtype")
+    if lora is not None and frozen_dtype != "float32" and str(precision) not in HALF_PRECISIONS:
+        raise InputError(f"model.frozen_dtype={frozen_dtype}: needs trainer.precision=bf16-mixed (or 16-mixed), "
+                         f"which runs the frozen base under autocast; got trainer.precision={precision}")
 
 
 class NonFiniteLoss(InputError):
@@ -85,6 +98,7 @@ class AlignmentModule(L.LightningModule):
         self.strict_loading = False
 
         self.unet = unet
+        self.frozen_dtype = frozen_dtype
         self.ref_unet: UNet2DConditionModel | None = None
         self.uses_lora = lora is not None
         if self.uses_lora:
@@ -130,11 +144,26 @@ class AlignmentModule(L.LightningModule):
         if self.ref_unet is not None:
             yield self.ref_unet
             return
+        if not self.uses_lora:
+            raise RuntimeError("full fine-tuning keeps a reference copy only for objectives that read it "
+                               "(or model.benign_anchor); use AlignmentModule.base() for the untrained model")
         self.unet.disable_adapters()
         try:
             yield self.unet
         finally:
             self.unet.enable_adapters()
+
+    @contextmanager
+    def base(self) -> Iterator[UNet2DConditionModel | None]:
+        """The untrained model, for evaluation against the base: the UNet with its adapters off, the frozen
+        reference copy of full fine-tuning, or, when full fine-tuning keeps no copy (``sft``), the policy
+        itself until the first optimizer step and ``None`` after it."""
+        if self.uses_lora or self.ref_unet is not None:
+            with self.reference() as unet:
+                yield unet
+        else:
+            resumed = self._trainer is not None and self.trainer.ckpt_path is not None
+            yield self.unet if self.global_step == 0 and not resumed else None
 
     @property
     def needs_reference(self) -> bool:
@@ -221,9 +250,14 @@ class AlignmentModule(L.LightningModule):
             anchor = benign_drift(errors, meta)
             out.loss = out.loss + self.benign_anchor * anchor
             out.metrics["benign_drift"] = anchor.detach()
+            out.metrics["objective_loss"] = out.metrics["loss"]
+            out.metrics["loss"] = out.loss.detach()  # what is optimized (and shown in the progress bar)
         return out
 
     # ------------------------------------------------------------- lightning
+    def setup(self, stage: str) -> None:
+        check_frozen_dtype(self.frozen_dtype, {} if self.uses_lora else None, self.trainer.precision)
+
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Timesteps and noise of a training batch from (seed, step, micro-batch, rank) alone: a run resumed
         from a checkpoint draws what the uninterrupted run drew, and DDP ranks draw differently."""
@@ -263,10 +297,9 @@ class AlignmentModule(L.LightningModule):
                       batch_size=batch["latents_w"].shape[0])
 
     def configure_optimizers(self):
-        params = [p for _, p in self.trainable_parameters()]
-        cfg = dict(self.optimizer_cfg)
-        fused = bool(cfg.pop("fused", False)) and torch.cuda.is_available()
-        optimizer = torch.optim.AdamW(params, fused=fused or None, **cfg)
+        """``model.optimizer`` (any torch optimizer class by ``_target_``, AdamW by default) over the trainable
+        parameters, and the diffusers LR schedule stepped every optimizer step."""
+        optimizer = build_optimizer((p for _, p in self.trainable_parameters()), self.optimizer_cfg)
         sched_cfg = dict(self.lr_scheduler_cfg)
         scheduler = get_scheduler(
             sched_cfg.get("name", "constant"), optimizer,

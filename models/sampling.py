@@ -5,6 +5,7 @@ same (prompt, seed) gives the same image whatever the batch size or the number o
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,6 +52,15 @@ def initial_latents(pipe, seeds: Sequence[int], height: int | None = None, width
                         for s in seeds])
 
 
+def mixed_precision(pipe):
+    """Autocast to the UNet's dtype when its (frozen) weights are in lower precision than the text encoder's
+    outputs, as during training with ``model.frozen_dtype=bfloat16``; otherwise nothing."""
+    unet_dtype = pipe.unet.dtype
+    if unet_dtype == pipe.text_encoder.dtype or unet_dtype not in (torch.bfloat16, torch.float16):
+        return nullcontext()
+    return torch.autocast(pipe.device.type, dtype=unet_dtype)
+
+
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
              guidance: Sequence[float] | None = None, progress: bool = True) -> Tensor:
@@ -68,9 +78,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sampl
     out = []
     for start, end in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
         latents = initial_latents(pipe, seeds[start:end], settings.height, settings.width)
-        images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, pipe.unet.dtype),
-                      num_inference_steps=settings.num_inference_steps, guidance_scale=guidance[start],
-                      output_type="pt").images
+        with mixed_precision(pipe):
+            images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, pipe.unet.dtype),
+                          num_inference_steps=settings.num_inference_steps, guidance_scale=guidance[start],
+                          output_type="pt").images
         out.append(images.float().cpu())
     if not out:
         return torch.zeros(0, 3, 1, 1)

@@ -20,7 +20,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     from hydra.utils import instantiate
 
     from alignment.base import Objective
-    from models.alignment_module import AlignmentModule, check_batch_reference
+    from models.alignment_module import AlignmentModule, check_batch_reference, check_frozen_dtype
     from models.attention_backend import check_attention_backend
     from models.components import load_model
     from models.encoders import ConditionEncoder
@@ -36,6 +36,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     # settings the module checks too, checked here before a real checkpoint takes minutes to load
     check_attention_backend(m.get("attention_backend"))
     check_batch_reference(m.get("batch_reference", False), m.lora, m.gradient_checkpointing)
+    check_frozen_dtype(m.frozen_dtype, m.lora, cfg.trainer.get("precision", "32-true"))
     components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)

@@ -1,0 +1,135 @@
+"""The code paths of a real run that the toy defaults do not take: gradient accumulation with resume,
+a half-precision frozen base, full fine-tuning with the evaluation callbacks, validation triggers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_workflow import LORA, step_of, toy, train
+
+
+@pytest.mark.slow
+def test_resume_with_accumulation_across_a_partial_epoch_end_matches_the_uninterrupted_run(tmp_path):
+    """6 batches an epoch, accumulation 4: Lightning steps after batches 4 and 6 of each epoch (2 steps an
+    epoch). Killed at step 3 (inside the second epoch, after its first step), the resumed run continues at
+    batch 4 of epoch 1, and its flips and prompt dropout are those of the uninterrupted run."""
+    cache = tmp_path / "cache"
+    args = [*toy(cache, 5), "trainer.accumulate_grad_batches=4", "data.random_flip=true", "data.p_uncond=0.3"]
+    whole = train(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    killed = train(out, *args, "+callbacks.kill._target_=tests.helpers.KillAtStep", "+callbacks.kill.step=3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert step_of(out / "checkpoints" / "last.ckpt") == 3
+    resumed = train(out, *args, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming inside epoch 1: skipping its first 4 batches" in (out / "train.log").read_text()
+    a, b = load_file(tmp_path / "whole" / LORA), load_file(out / LORA)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def quick_report_and_validation(every: int = 1) -> list[str]:
+    """The default callbacks and UAS validation, each sampling little (2 steps, 1 image per prompt)."""
+    return ["callbacks=uas_validation", "callbacks.toy_report.seeds_per_prompt=1",
+            "callbacks.toy_report.num_inference_steps=2", f"callbacks.alignment_validation.every_n_steps={every}",
+            "callbacks.alignment_validation.images_per_prompt=1",
+            "callbacks.alignment_validation.sampler.num_inference_steps=2"]
+
+
+def untouched_toy_statistics() -> tuple[dict, dict]:
+    """The toy report's 'before' metrics and the validation's base means of the shipped, untouched model."""
+    from types import SimpleNamespace
+
+    from alignment.sft import SFT
+    from data.prompts import read_toy
+    from data.toy.world import ToyWorld
+    from metrics.detectors import ToyOracleDetector
+    from metrics.evaluation import Scorer, base_means, generate_records, make_jobs
+    from metrics.fidelity import ToyFidelity
+    from metrics.toy_eval import ToyAlignmentReport
+    from models.alignment_module import AlignmentModule
+    from models.components import load_components
+    from models.encoders import ConditionEncoder
+    from models.sampling import SamplerSettings, use_scheduler
+    from tests.test_workflow import ROOT
+
+    components = load_components(str(ROOT / "assets" / "toy" / "sd"))
+    module = AlignmentModule(components.unet, components.noise_scheduler, SFT())
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(encoder=ConditionEncoder(components)))
+    report, _ = ToyAlignmentReport("unused", seeds_per_prompt=1, num_inference_steps=2)._evaluate(
+        trainer, module, ToyWorld(), base=True)
+    pipe = components.pipeline()
+    use_scheduler(pipe, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    settings = SamplerSettings(scheduler="ddim", num_inference_steps=2, guidance_scale=4.0, batch_size=16)
+    jobs = make_jobs(read_toy("heldout"), 1, 1234, 4.0, with_safe_rewrites=True)
+    records, _ = generate_records(pipe, jobs, settings, Scorer([ToyOracleDetector()], ToyFidelity()), progress=False)
+    return report, base_means(records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "sft"])
+def test_full_fine_tuning_evaluates_the_untouched_base(tmp_path, objective):
+    """model.lora=null: the toy report's 'before' and the validation's base means are the shipped model's,
+    not the policy's (dpo keeps a frozen copy; sft keeps none, so the base is measured before step 1)."""
+    out = tmp_path / objective
+    args = [a for a in toy(tmp_path / "cache", 2) if a != "~callbacks.toy_report"]
+    run = train(out, *args, "model.lora=null", f"objective={objective}",
+                *quick_report_and_validation(), "trainer.accumulate_grad_batches=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report, qbar = untouched_toy_statistics()
+    logged = json.loads((out / "validation" / "base_means.json").read_text())
+    for key, value in qbar.items():
+        assert logged[key] == pytest.approx(value, abs=1e-6), key
+    before = json.loads((out / "toy_eval.json").read_text())["before"]
+    assert before == pytest.approx(report, abs=1e-6)
+    # validation ran once per optimizer step (accumulation 2), never at step 0
+    assert sorted(p.name for p in (out / "validation").glob("step_*")) == ["step_000001", "step_000002"]
+    rows = [line for line in (out / "csv" / "metrics.csv").read_text().splitlines()[1:]]
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    uas = header.index("val/uas")
+    assert sum(1 for row in rows if row.split(",")[uas]) == 2
+
+
+@pytest.mark.slow
+def test_bf16_frozen_base_under_bf16_mixed_trains_reports_and_validates(tmp_path):
+    out = tmp_path / "bf16"
+    args = [a for a in toy(tmp_path / "cache", 2) if a != "~callbacks.toy_report"]
+    run = train(out, *args, "model.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed",
+                *quick_report_and_validation(every=2))
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "toy_eval.json").read_text())
+    assert set(results) == {"before", "after"} and 0.0 <= results["after"]["benign_fidelity"] <= 1.0
+    assert (out / "validation" / "step_000002" / "metrics.json").is_file()
+
+
+def test_half_precision_frozen_base_without_autocast_is_refused_before_loading(tmp_path):
+    run = train(tmp_path / "run", "model.frozen_dtype=bfloat16", "trainer.precision=32-true",
+                "model.pretrained=/nonexistent/never/loaded", "logger=none")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: model.frozen_dtype=bfloat16: needs trainer.precision=bf16-mixed (or 16-mixed), which runs the "
+        "frozen base under autocast; got trainer.precision=32-true")
+
+
+def test_logged_loss_is_the_optimized_loss_with_the_benign_anchor(tiny_components):
+    from alignment.dpo import DPO
+    from models.alignment_module import AlignmentModule
+    from tests.conftest import random_batch
+
+    module = AlignmentModule(tiny_components.unet, tiny_components.noise_scheduler, DPO(beta=100.0),
+                             lora={"rank": 2, "alpha": 2}, benign_anchor=50.0)
+    with torch.no_grad():
+        for name, p in module.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # the policy drifts from the reference: the anchor term is > 0
+    batch = random_batch(tiny_components)
+    batch["meta"] = {"categories": [("hate",), (), ()]}
+    out = module.compute(batch, torch.Generator().manual_seed(0))
+    assert out.metrics["benign_drift"] > 0
+    torch.testing.assert_close(out.metrics["loss"], out.loss.detach())
+    torch.testing.assert_close(out.metrics["objective_loss"] + 50.0 * out.metrics["benign_drift"], out.loss.detach())
