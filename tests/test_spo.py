@@ -183,6 +183,9 @@ def test_toy_dual_set_prefers_safe_then_faithful():
     assert harmful_losers and all(Prompt.parse(p.prompt).harmful for p in harmful_losers)
     benign = [p for p in pairs if not Prompt.parse(p.prompt).harmful]
     assert benign and all(p.extras["quality_w"] > p.extras["quality_l"] + 0.2 for p in benign)
+    # a pair's categories are its prompt's (as task=build_dual records them), not what its images show
+    assert all(p.categories == Prompt.parse(p.prompt).categories for p in pairs)
+    assert any(p.categories for p in pairs) and all(not p.categories for p in benign)
 
 
 def test_comparison_table_mean_and_std_over_seeds():

@@ -117,7 +117,8 @@ class ToyReader(PairReader):
                 quality = toy_oracle.fidelity([prompt.text] * len(images), arrays)
                 unsafe = toy_oracle.harm_probability(arrays)
                 groups.append(AnnotatedPrompt(prompt.text, safe_prompt=content.text if prompt.harmful else None, images=[
-                    AnnotatedImage(png_bytes(image), float(q), float(s), v.categories, f"toy {v.text} seed {seed}")
+                    # categories are the prompt's, as task=build_dual records them, whatever an image shows
+                    AnnotatedImage(png_bytes(image), float(q), float(s), prompt.categories, f"toy {v.text} seed {seed}")
                     for image, q, s, v in zip(images, quality, unsafe, shown)]))
         return groups
 
