@@ -145,6 +145,7 @@ class PreferenceDataModule(L.LightningDataModule):
             raise InputError(f"data.on_bad_sample: expected error or skip, got {on_bad_sample!r}")
         self.on_bad_sample = on_bad_sample
         self._pairs: list[PreferencePair] | None = None
+        self._origins: list[int] = []
         self.train_set: CachedPairDataset | None = None
         self.val_set: CachedPairDataset | None = None
 
@@ -155,7 +156,10 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pairs = self.reader.read()
             if not self._pairs:
                 raise InputError(f"{self.reader}: the data holds no usable pairs")
-            self._pairs = condition_pairs(self._screen(self._pairs), self.condition_on)
+            screened = self._screen(self._pairs)
+            self._pairs = condition_pairs(screened, self.condition_on)
+            # the source pair of each conditioned pair (condition_on=both trains every pair twice)
+            self._origins = [i % len(screened) for i in range(len(self._pairs))]
             if self.cost_model:
                 from data.costs import attach_costs
 
@@ -237,10 +241,15 @@ class PreferenceDataModule(L.LightningDataModule):
             log.warning("data.on_bad_sample=skip: skipped %d of %d pairs with unreadable images (first: %s)",
                         bad, len(cache.valid), first)
             indices = [i for i in indices if cache.valid[i]]
-        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = int(round(self.val_fraction * len(indices)))
-        val = sorted(indices[i] for i in order[:n_val])
-        train = sorted(indices[i] for i in order[n_val:])
+        # split by source pair: the two prompts of one pair (condition_on=both) share its images
+        groups: dict[int, list[int]] = {}
+        for i in indices:
+            groups.setdefault(self._origins[i], []).append(i)
+        units = list(groups.values())
+        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = int(round(self.val_fraction * len(units)))
+        val = sorted(i for u in order[:n_val] for i in units[u])
+        train = sorted(i for u in order[n_val:] for i in units[u])
         if not train:
             raise InputError(f"{self.reader}: no training pairs left after the category filter and validation split")
         anchors = [i for i in self.anchor_indices(indices) if cache.valid[i]]

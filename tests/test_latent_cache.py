@@ -152,3 +152,16 @@ def test_condition_on_safe_needs_safe_rewrites(tiny_components, jsonl_pairs, tmp
         dm.setup("fit")
     with pytest.raises(InputError, match="data.condition_on: expected one of unsafe, safe, both, got 'harmful'"):
         datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="harmful")
+
+
+def test_condition_on_both_splits_train_and_val_by_source_pair(tiny_components, jsonl_pairs, tmp_path):
+    """Both prompts of a pair share its images: they land on the same side of the split."""
+    dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", condition_on="both", val_fraction=0.25)
+    dm.setup("fit")
+    n = len(dm.pairs) // 2
+    val, train = set(dm.val_set.indices), set(dm.train_set.indices)
+    assert len(val) == 4 and len(train) == 12  # 2 of the 8 source pairs, each under both prompts
+    assert {i % n for i in val}.isdisjoint({i % n for i in train})
+    plain, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", val_fraction=0.25)
+    plain.setup("fit")
+    assert {i % n for i in val} == set(plain.val_set.indices)  # the same source pairs as without rewrites
