@@ -35,8 +35,10 @@ class SDComponents:
         return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def encoder_fingerprint(self) -> str:
-        """A digest of the VAE and text encoder (configs and weights): keys caches of their outputs."""
+        """A digest of the VAE, the text encoder (configs and weights) and the tokenizer (vocabulary, merges,
+        special tokens, length): keys caches of their outputs."""
         digest = hashlib.sha256()
+        digest.update(tokenizer_fingerprint(self.tokenizer).encode())
         for name, model in (("vae", self.vae), ("text_encoder", self.text_encoder)):
             digest.update(name.encode())
             digest.update(json.dumps(_jsonable(model.config), sort_keys=True, default=str).encode())
@@ -50,6 +52,24 @@ class SDComponents:
         """A generation pipeline over these components (no safety checker: our metrics judge safety)."""
         return generation_pipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
                                    scheduler or self.noise_scheduler)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides a tokenizer's ids: vocabulary, BPE merges, special tokens,
+    maximum length and padding side."""
+    merges = getattr(tokenizer, "bpe_ranks", None)  # slow tokenizers; fast ones serialize their whole pipeline
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "merges": sorted((" ".join(pair), rank) for pair, rank in merges.items()) if merges else None,
+        "backend": backend.to_str() if backend is not None else None,
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "max_length": tokenizer.model_max_length,
+        "padding_side": tokenizer.padding_side,
+        "lower": getattr(tokenizer, "do_lower_case", None),
+    }
+    return hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()
 
 
 def generation_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:

@@ -165,3 +165,26 @@ def test_condition_on_both_splits_train_and_val_by_source_pair(tiny_components, 
     plain, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache", val_fraction=0.25)
     plain.setup("fit")
     assert {i % n for i in val} == set(plain.val_set.indices)  # the same source pairs as without rewrites
+
+
+def test_changed_tokenizer_files_change_the_cache_key(tiny_components, jsonl_pairs, tmp_path):
+    """Same encoder weights, another tokenizer vocabulary: the prompt embeddings must be recomputed."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    dm1, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    first = dm1.cache_path()
+    tokenizer_dir = tmp_path / "tok"
+    tiny_components.tokenizer.save_pretrained(tokenizer_dir)
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(k for k in vocab if k.endswith("</w>"))[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two words swap ids: their embeddings change, the weights do not
+    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(spec))
+    tiny_components.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    dm2, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    assert dm2.cache_path() != first
+    tiny_components.tokenizer.model_max_length = 20
+    dm3, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
+    assert dm3.cache_path() not in (first, dm2.cache_path())
