@@ -5,6 +5,10 @@ Per layer, expert ``k`` contributes ``dW_k = (alpha_k / r_k) B_k A_k`` and a cal
 Each weight goes to the expert with the strongest activation-weighted update
 ``a_k[i, j] = |dW_k[i, j]| * mu_k[j]``; the merged update is brought back to a LoRA of rank ``r*`` by
 truncated SVD. Collecting ``mu_k`` needs the model (``models/`` does it with forward hooks).
+
+A conv LoRA layer (A a conv ``[r, in, *kernel]``, B a 1x1 conv ``[out, r, 1, ...]``) enters flattened: its update
+is the matrix ``[out, in * prod(kernel)]`` (columns: input channel, then kernel position), and the statistic of
+a column is its input channel's ``E|h_c|`` (:func:`kernel_activations`); the merged factors reshape back.
 """
 from __future__ import annotations
 
@@ -17,11 +21,20 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One layer of one LoRA: ``down`` (A, ``[r, in]``), ``up`` (B, ``[out, r]``) and ``alpha``."""
+    """One layer of one LoRA: ``down`` (A, ``[r, in]``), ``up`` (B, ``[out, r]``) and ``alpha`` (a conv layer's
+    factors flattened, :meth:`from_weights`)."""
 
     down: Tensor
     up: Tensor
     alpha: float
+
+    @classmethod
+    def from_weights(cls, down: Tensor, up: Tensor, alpha: float) -> "LoraFactors":
+        """From a LoRA layer's weights: linear A ``[r, in]`` and B ``[out, r]`` as they are; conv A
+        ``[r, in, *kernel]`` flattened to ``[r, in * prod(kernel)]`` and 1x1 conv B ``[out, r, 1, ...]`` to ``[out, r]``."""
+        if up.ndim > 2 and any(size != 1 for size in up.shape[2:]):
+            raise ValueError(f"co_merge: LoRA B of shape {tuple(up.shape)} is not a 1x1 convolution")
+        return cls(down=down.reshape(down.shape[0], -1), up=up.reshape(up.shape[0], up.shape[1]), alpha=float(alpha))
 
     @property
     def rank(self) -> int:
@@ -37,6 +50,13 @@ class MergedLayer:
     factors: LoraFactors
     winners: Tensor            # [out, in]: index of the expert each weight came from
     relative_error: float      # ||dW* - B* A* (alpha*/r*)||_F / ||dW*||_F
+
+
+def kernel_activations(channel_means: Tensor, kernel_positions: int) -> Tensor:
+    """A conv layer's per-input-channel ``E|h_c|`` ``[in]`` as the statistic of each column of its flattened
+    update ``[out, in * kernel_positions]``: each channel's value repeated over its kernel positions (the
+    zero padding at the borders is not counted apart)."""
+    return channel_means.repeat_interleave(int(kernel_positions))
 
 
 def co_merge_delta(deltas: Sequence[Tensor], activations: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,8 @@
 
 Co-Merge: for each expert the UNet runs the calibration batches with that expert alone active while
 forward hooks on every LoRA layer record the mean absolute input activation per input feature
-(``mu_k``). The per-layer math is ``alignment.merging``; the result becomes a new adapter of rank ``r*``.
+(``mu_k``; per input channel for a conv layer, repeated over its kernel positions). The per-layer math is
+``alignment.merging``, on conv layers flattened; the result becomes a new adapter of rank ``r*``.
 The baselines (SPEC 2) are peft's ``LoraModel.add_weighted_adapter``, run on the same UNet.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import Tensor
 
-from alignment.merging import LoraFactors, co_merge_layer
+from alignment.merging import LoraFactors, co_merge_layer, kernel_activations
 from data.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -27,22 +28,34 @@ def lora_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
 
 
 def expert_factors(layer: LoraLayer, adapter: str) -> LoraFactors:
+    """The layer's A and B of ``adapter`` as matrices (a conv layer's flattened), in float64 on the CPU."""
     r = layer.r[adapter]
     alpha = layer.scaling[adapter] * r  # peft stores alpha / r (or alpha / sqrt(r) with rsLoRA) as scaling
-    return LoraFactors(down=layer.lora_A[adapter].weight.detach().double().cpu(),
-                       up=layer.lora_B[adapter].weight.detach().double().cpu(), alpha=float(alpha))
+    return LoraFactors.from_weights(layer.lora_A[adapter].weight.detach().double().cpu(),
+                                    layer.lora_B[adapter].weight.detach().double().cpu(), alpha)
+
+
+def _kernel_positions(layer: LoraLayer, adapter: str) -> int:
+    """1 for a linear layer; the number of positions of the kernel (``kh * kw``) for a conv layer."""
+    return int(layer.lora_A[adapter].weight[0, 0].numel())
 
 
 @torch.no_grad()
 def input_activation_means(model: torch.nn.Module, adapter: str, run_calibration: Callable[[], None]) -> dict[str, Tensor]:
-    """``mu[layer][j] = E|h_j|`` over every position of every calibration input, with ``adapter`` alone active."""
+    """``mu[layer][j] = E|h_j|`` over every position of every calibration input, with ``adapter`` alone active;
+    ``j`` indexes the columns of the layer's update as :func:`expert_factors` gives it (for a conv layer, input
+    channel then kernel position: the channel's mean over the batch and the spatial positions)."""
     layers = lora_layers(model, adapter)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str):
+        conv = layers[name].lora_A[adapter].weight.ndim > 2
+
         def record(module, inputs, output) -> None:
-            x = inputs[0].detach().abs().double().reshape(-1, inputs[0].shape[-1])
+            x = inputs[0].detach().abs().double()
+            x = x.movedim(1, -1) if conv else x  # conv inputs are [batch, channels, *spatial]
+            x = x.reshape(-1, x.shape[-1])
             sums[name] = sums.get(name, 0) + x.sum(0).cpu()
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
@@ -61,7 +74,8 @@ def input_activation_means(model: torch.nn.Module, adapter: str, run_calibration
     missing = sorted(set(layers) - set(sums))
     if missing:
         raise RuntimeError(f"co-merge calibration never reached {len(missing)} LoRA layer(s), e.g. {missing[0]}")
-    return {name: sums[name] / counts[name] for name in layers}
+    return {name: kernel_activations(sums[name] / counts[name], _kernel_positions(layer, adapter))
+            for name, layer in layers.items()}
 
 
 def co_merge_adapters(model: torch.nn.Module, experts: Sequence[str], run_calibration: Callable[[], None],
@@ -73,6 +87,11 @@ def co_merge_adapters(model: torch.nn.Module, experts: Sequence[str], run_calibr
     for e in experts[1:]:
         if set(layer_sets[e]) != names:
             raise ValueError(f"co-merge: experts {experts[0]!r} and {e!r} adapt different layers")
+    for name, layer in layer_sets[experts[0]].items():
+        groups = getattr(layer.get_base_layer(), "groups", 1)
+        if groups != 1:
+            raise InputError(f"co-merge: layer {name} is a grouped convolution (groups={groups}); Co-Merge merges "
+                             "linear and ungrouped conv LoRA layers only")
     activations = {e: input_activation_means(model, e, run_calibration) for e in experts}
     r_star = rank if rank is not None else sum(next(iter(layer_sets[e].values())).r[e] for e in experts)
     first = model.peft_config[experts[0]]
@@ -87,7 +106,8 @@ def co_merge_adapters(model: torch.nn.Module, experts: Sequence[str], run_calibr
             r = merged.factors.rank  # below r_star when the layer is smaller: pad with zeros, exact
             down = torch.zeros_like(layer.lora_A[merged_name].weight, dtype=torch.float64)
             up = torch.zeros_like(layer.lora_B[merged_name].weight, dtype=torch.float64)
-            down[:r], up[:, :r] = merged.factors.down, merged.factors.up
+            # conv: A [r*, in, *kernel] and B [out, r*, 1, ...] take the flattened factors through views
+            down.view(down.shape[0], -1)[:r], up.view(up.shape[0], -1)[:, :r] = merged.factors.down, merged.factors.up
             layer.lora_A[merged_name].weight.copy_(down)
             layer.lora_B[merged_name].weight.copy_(up)
             errors[name] = merged.relative_error

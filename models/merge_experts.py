@@ -47,8 +47,22 @@ def load_experts(unet, experts: list[str | Path]) -> list[str]:
             unet.load_lora_adapter(str(file.parent), weight_name=file.name, adapter_name=name, prefix="unet")
         except (ValueError, RuntimeError, KeyError) as error:
             raise InputError(f"merge.experts[{i}]: {file} does not fit the base UNet ({str(error).splitlines()[0]})") from None
+        check_loaded(unet, name, shapes, f"merge.experts[{i}]: {file}")
         names.append(name)
     return names
+
+
+def check_loaded(unet, adapter: str, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse an expert that diffusers loaded only in part: its loader names a file's keys by the first one
+    (peft's ``lora_A`` or diffusers' ``lora.down``), so a file that mixes the two loses the other kind's layers."""
+    from models.adapter_merging import lora_layers
+
+    in_file = {k.removeprefix("unet.").split(".lora")[0] for k in shapes if k.startswith("unet.")}
+    missing = sorted(in_file - set(lora_layers(unet, adapter)))
+    if missing:
+        raise InputError(f"{source}: only {len(in_file) - len(missing)} of its {len(in_file)} UNet LoRA layers loaded "
+                         f"(e.g. not {missing[0]}): its keys mix peft (lora_A/lora_B) and diffusers (lora.down/lora.up) "
+                         "names; save it with one of them")
 
 
 def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed: int) -> Callable[[], None]:
