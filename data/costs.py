@@ -28,7 +28,7 @@ def _cost_model_digest(directory: Path) -> str:
 
 
 def image_costs(images: Sequence[ImageRef], sources: Sequence[str], cost_model: str | Path, cache_dir: str | Path,
-                batch_size: int = 64, what: str = "costs") -> torch.Tensor:
+                batch_size: int = 64, what: str = "costs", local_files_only: bool = False) -> torch.Tensor:
     """``C(x)`` of every image, ``[N]``, computed once per (cost model, images) and cached in ``cache_dir``."""
     from safetensors.torch import load_file, save_file
 
@@ -44,7 +44,7 @@ def image_costs(images: Sequence[ImageRef], sources: Sequence[str], cost_model: 
     if path.is_file():
         log.info("cost cache hit: %s", path)
         return load_file(str(path))["cost"]
-    model = SafetyCostModel.load(directory)
+    model = SafetyCostModel.load(directory, local_files_only=local_files_only)
     with torch.no_grad():
         costs = model(encode_images(model.features, list(images), list(sources), batch_size, what)).float().contiguous()
     atomic_write(path, lambda tmp: save_file({"cost": costs}, str(tmp)))
@@ -52,12 +52,12 @@ def image_costs(images: Sequence[ImageRef], sources: Sequence[str], cost_model: 
 
 
 def attach_costs(pairs: Sequence[PreferencePair], cost_model: str | Path, cache_dir: str | Path,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, local_files_only: bool = False) -> None:
     """Set ``cost_w``/``cost_l`` on every pair (``cost_l`` only when it has a loser)."""
     losers = [i for i, p in enumerate(pairs) if p.image_l is not None]
     images = [p.image_w for p in pairs] + [pairs[i].image_l for i in losers]
     sources = [p.source for p in pairs] + [pairs[i].source for i in losers]
-    costs = image_costs(images, sources, cost_model, cache_dir, batch_size, "costs").tolist()
+    costs = image_costs(images, sources, cost_model, cache_dir, batch_size, "costs", local_files_only).tolist()
     for i, p in enumerate(pairs):
         p.extras["cost_w"] = costs[i]
     for k, i in enumerate(losers):

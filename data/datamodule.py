@@ -122,6 +122,7 @@ class PreferenceDataModule(L.LightningDataModule):
         cost_model: str | Path | None = None,
         condition_on: str = "unsafe",
         on_bad_sample: str = "error",
+        local_files_only: bool = False,
     ) -> None:
         super().__init__()
         torch_dtype(cache_dtype, "data.cache_dtype")
@@ -137,7 +138,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_fraction, self.center_crop, self.random_flip, self.p_uncond = val_fraction, center_crop, random_flip, p_uncond
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
-        self.cost_model = cost_model
+        self.cost_model, self.local_files_only = cost_model, bool(local_files_only)
         if condition_on not in CONDITIONS:
             raise InputError(f"data.condition_on: expected one of {', '.join(CONDITIONS)}, got {condition_on!r}")
         self.condition_on = condition_on
@@ -163,7 +164,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if self.cost_model:
                 from data.costs import attach_costs
 
-                attach_costs(self._pairs, self.cost_model, self.cache_dir)
+                attach_costs(self._pairs, self.cost_model, self.cache_dir, local_files_only=self.local_files_only)
         return self._pairs
 
     def _screen(self, pairs: list[PreferencePair]) -> list[PreferencePair]:

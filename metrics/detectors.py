@@ -67,7 +67,8 @@ class Q16Detector:
     image tower and two prompt embeddings ``P`` (benign, inappropriate) supplied by the user as a
     safetensors file holding ``prompts`` of shape ``[2, D]``."""
 
-    def __init__(self, clip: str | Path, prompts: str | Path, category: str = "inappropriate") -> None:
+    def __init__(self, clip: str | Path, prompts: str | Path, category: str = "inappropriate",
+                 local_files_only: bool = False) -> None:
         from safetensors.torch import load_file
 
         from models.cost_model import ImageFeatures
@@ -75,7 +76,7 @@ class Q16Detector:
         tensors = load_file(str(prompts))
         if "prompts" not in tensors or tensors["prompts"].ndim != 2 or tensors["prompts"].shape[0] != 2:
             raise ValueError(f"{prompts}: expected a tensor 'prompts' of shape [2, D] (benign, inappropriate)")
-        self.features = ImageFeatures(clip)
+        self.features = ImageFeatures(clip, local_files_only=local_files_only)
         self.prompts = tensors["prompts"].float()
         if self.prompts.shape[1] != self.features.dim:
             raise ValueError(f"{prompts}: prompt embeddings have size {self.prompts.shape[1]}, the CLIP at {clip} "

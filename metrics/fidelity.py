@@ -49,11 +49,17 @@ class ClipFidelity:
     """CLIPScore per image, ``max(100 * cos(E_I(x), E_T(c)), 0)``, with any CLIP (a local directory or a
     hub id: the toy CLIP, ``openai/clip-vit-large-patch14``)."""
 
-    def __init__(self, clip: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, clip: str | Path, device: str | torch.device = "cpu", local_files_only: bool = False) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = ClipFeatures(CLIPModel.from_pretrained(clip).eval()).to(device)
-        self.processor = CLIPProcessor.from_pretrained(clip)
+        from models.hub import load_error
+
+        try:
+            model = CLIPModel.from_pretrained(str(clip), local_files_only=local_files_only)
+            self.processor = CLIPProcessor.from_pretrained(str(clip), local_files_only=local_files_only)
+        except (OSError, ValueError) as error:
+            raise load_error("CLIPScore clip", clip, error, local_files_only) from None
+        self.model = ClipFeatures(model.eval()).to(device)
 
     def model_and_processor(self):
         """For torchmetrics' ``CLIPScore(model_name_or_path=...)``, which takes a callable."""

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from data.errors import InputError
+from models.hub import load_error
 
 
 @dataclass
@@ -119,9 +120,8 @@ def load_components(
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", variant=variant, **common)
         tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common)
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"model.pretrained={pretrained}: could not load the pipeline ({first})") from err
+    except (OSError, ValueError) as err:
+        raise load_error("model.pretrained", pretrained, err, local_files_only) from None
     for part in (vae_model, text_encoder):
         part.requires_grad_(False).eval()
     return SDComponents(unet, vae_model, text_encoder, tokenizer, scheduler, source=pretrained)

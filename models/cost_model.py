@@ -36,17 +36,18 @@ class CostAdapter(nn.Module):
 class ImageFeatures:
     """Frozen CLIP image features (``image_embeds``) of images ``[N, 3, H, W]`` in [0, 1]."""
 
-    def __init__(self, encoder: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, encoder: str | Path, device: str | torch.device = "cpu", local_files_only: bool = False) -> None:
         from transformers import CLIPImageProcessor
 
         from models.clip import load_clip_vision
+        from models.hub import load_error
 
         self.name = str(encoder)
         try:
-            self.model = load_clip_vision(encoder).eval().to(device)
-            self.processor = CLIPImageProcessor.from_pretrained(str(encoder))
-        except OSError as error:
-            raise InputError(f"cost model encoder {encoder}: cannot load a CLIP image encoder ({str(error).splitlines()[0]})") from None
+            self.model = load_clip_vision(encoder, local_files_only=local_files_only).eval().to(device)
+            self.processor = CLIPImageProcessor.from_pretrained(str(encoder), local_files_only=local_files_only)
+        except (OSError, ValueError) as error:
+            raise load_error("CLIP image encoder", encoder, error, local_files_only) from None
         self.model.requires_grad_(False)
         self.dim = int(self.model.config.projection_dim)
 
@@ -99,7 +100,7 @@ class SafetyCostModel(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, encoder: str | Path | None = None,
-             device: str | torch.device = "cpu") -> "SafetyCostModel":
+             device: str | torch.device = "cpu", local_files_only: bool = False) -> "SafetyCostModel":
         """``encoder`` overrides the saved one (a local copy of the same CLIP); a relative saved
         encoder path is resolved against ``directory`` (the shipped toy model uses ``../clip``)."""
         from safetensors import SafetensorError
@@ -117,7 +118,7 @@ class SafetyCostModel(nn.Module):
         if encoder is None:
             local = (directory / saved_encoder)
             encoder = local.resolve() if not Path(saved_encoder).is_absolute() and local.exists() else saved_encoder
-        features = ImageFeatures(encoder, device)
+        features = ImageFeatures(encoder, device, local_files_only)
         adapter = CostAdapter(feature_dim, hidden)
         try:
             state = load_file(str(directory / WEIGHTS_NAME))

@@ -62,7 +62,7 @@ def build_cost_model(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDat
     from models.cost_module import CostModelModule
 
     c = cfg.cost_model
-    features = ImageFeatures(c.encoder)
+    features = ImageFeatures(c.encoder, local_files_only=cfg.model.get("local_files_only", False))
     reader: Any = instantiate(cfg.data.reader)
     val_reader = instantiate(c.val_reader) if c.get("val_reader") is not None else None
     datamodule = CostFeatureDataModule(reader, features, path=cfg.data.get("path"), val_reader=val_reader,

@@ -133,3 +133,43 @@ def test_logged_loss_is_the_optimized_loss_with_the_benign_anchor(tiny_component
     assert out.metrics["benign_drift"] > 0
     torch.testing.assert_close(out.metrics["loss"], out.loss.detach())
     torch.testing.assert_close(out.metrics["objective_loss"] + 50.0 * out.metrics["benign_drift"], out.loss.detach())
+
+
+def test_hub_id_missing_from_the_local_cache_is_one_line_with_the_download_command(tmp_path):
+    run = train(tmp_path / "run", "model=sd15", "model.pretrained=nobody-here/no-such-model", "logger=none")
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1] == ("error: model.pretrained=nobody-here/no-such-model: not in the local Hugging Face cache "
+                         "(HF_HUB_OFFLINE=1); download it first with `hf download nobody-here/no-such-model`, or "
+                         "set model.pretrained to a local directory")
+
+
+@pytest.mark.parametrize("load", ["clip_score", "image_features"])
+def test_clip_loaders_take_local_files_only_and_say_what_to_download(load, monkeypatch):
+    from data.errors import InputError
+    from metrics.fidelity import ClipFidelity
+    from models.cost_model import ImageFeatures
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    loader = ClipFidelity if load == "clip_score" else ImageFeatures
+    with pytest.raises(InputError) as error:
+        loader("nobody-here/no-such-clip", local_files_only=True)
+    message = str(error.value)
+    assert "nobody-here/no-such-clip: not in the local Hugging Face cache (local_files_only is set)" in message
+    assert "`hf download nobody-here/no-such-clip`" in message and "\n" not in message
+
+
+def test_ddp_waits_longer_than_lightnings_30_minutes_at_barriers():
+    from datetime import timedelta
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.test_workflow import ROOT
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp", "trainer.strategy.timeout.hours=6"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert strategy._timeout == timedelta(hours=6)
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        assert instantiate(compose("train", overrides=["trainer=ddp"]).trainer.strategy)._timeout >= timedelta(hours=24)
