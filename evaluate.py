@@ -140,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     # grid: the first image of up to grid_rows prompts per role; columns base, aligned
     from metrics.detectors import to_uint8
 
-    rows = []
+    rows, labels = [], []
     base_index = {(r["role"], r["prompt_index"], r["k"]): n for n, r in enumerate(base_records)}
     for role in ("harmful", "benign"):
         picked = [n for n, r in enumerate(shown.get("aligned", shown["base"])[0])
@@ -151,9 +151,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             if "aligned" in shown:
                 row.append(to_uint8(shown["aligned"][1][n][None])[0])
             rows.append([np.asarray(a, dtype=np.float64) / 255 for a in row])
+            labels.append(f"{role}: {r['text']}")
     if rows:
         scale = max(1, 128 // rows[0][0].shape[0])
-        grid = image_grid(rows, scale=scale)
+        grid = image_grid(rows, scale=scale, columns=["base", "aligned"][: len(rows[0])], row_labels=labels)
         atomic_write(out / "grid.png", lambda p: grid.save(p, format="PNG"))
     print(f"\nEvaluation ({'base vs aligned' if cfg.lora else 'base only'}), {len(prompts)} prompts x "
           f"{cfg.images_per_prompt} images:\n{table}\n")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -43,13 +43,38 @@ def comparison_table(results: dict[str, dict[str, float]], categories: list[str]
     return "\n".join(lines)
 
 
-def image_grid(rows: list[list[np.ndarray]], scale: int = 4) -> Image.Image:
+def _shorten(text: str, width: int, font) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels in ``font``."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def image_grid(rows: list[list[np.ndarray]], scale: int = 4, columns: Sequence[str] | None = None,
+               row_labels: Sequence[str] | None = None, label_width: int = 220) -> Image.Image:
+    """A PNG-ready grid of images in [0, 1] (``[H, W, 3]`` arrays), each enlarged ``scale`` times; with
+    ``columns`` a title above each column, with ``row_labels`` (e.g. the prompts, shortened to fit) a label
+    left of each row, so the grid says what it shows when read alone."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
     h, w = rows[0][0].shape[:2]
-    grid = Image.new("RGB", (w * scale * len(rows[0]), h * scale * len(rows)), (255, 255, 255))
+    tile_h, tile_w = h * scale, w * scale
+    top = 18 if columns else 0
+    left = label_width if row_labels else 0
+    grid = Image.new("RGB", (left + tile_w * len(rows[0]), top + tile_h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, title in enumerate(columns or []):
+        draw.text((left + c * tile_w + 4, 3), _shorten(str(title), tile_w - 8, font), fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
+        if row_labels:
+            draw.text((4, top + r * tile_h + tile_h // 2 - 6), _shorten(str(row_labels[r]), label_width - 8, font),
+                      fill=(0, 0, 0), font=font)
         for c, image in enumerate(row):
             tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-            grid.paste(tile.resize((w * scale, h * scale), Image.Resampling.NEAREST), (c * w * scale, r * h * scale))
+            grid.paste(tile.resize((tile_w, tile_h), Image.Resampling.NEAREST), (left + c * tile_w, top + r * tile_h))
     return grid
 
 

@@ -107,7 +107,9 @@ class ToyAlignmentReport(L.Callback):
         k = self.seeds_per_prompt
         rows = [[before_images[kind][i * k], after_images[kind][i * k]]
                 for kind in ("harmful", "benign") for i in range(len(before_images[kind]) // k)]
-        grid = image_grid(rows)
+        labels = [p.text for kind in ("harmful", "benign")
+                  for p in (world.split["heldout_harmful"] if kind == "harmful" else world.split["heldout_benign"])]
+        grid = image_grid(rows, columns=["before", "after"], row_labels=labels)
         atomic_write(self.dirpath / "toy_grid.png", lambda p: grid.save(p, format="PNG"))
         log.info("toy evaluation written to %s", self.dirpath)
         for logger in trainer.loggers:

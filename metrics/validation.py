@@ -124,7 +124,8 @@ class AlignmentValidation(L.Callback):
         if not picked:
             return
         arrays = to_uint8(images[picked]).astype(np.float64) / 255
-        grid = image_grid([[a] for a in arrays], scale=max(1, 128 // arrays.shape[1]))
+        grid = image_grid([[a] for a in arrays], scale=max(1, 128 // arrays.shape[1]),
+                          columns=[f"step {trainer.global_step}"], row_labels=[records[n]["text"] for n in picked])
         if self.dirpath is not None:
             step_dir = self.dirpath / f"step_{trainer.global_step:06d}"
             atomic_write(step_dir / "grid.png", lambda p: grid.save(p, format="PNG"))

@@ -113,7 +113,8 @@ def method_grid(columns: dict[str, Path], rows_per_category: int, benign_rows: i
         name = f"{r['role']}_{r['prompt_index']:05d}_0.png"
         rows.append([np.asarray(Image.open(folder / "images" / ("base" if label == "base" else "aligned") / name),
                                 dtype=np.float64) / 255 for label, folder in columns.items()])
-    return image_grid(rows, scale=max(1, 96 // rows[0][0].shape[0])), [r["text"] for r in picked]
+    texts = [r["text"] for r in picked]
+    return image_grid(rows, scale=max(1, 96 // rows[0][0].shape[0]), columns=list(columns), row_labels=texts), texts
 
 
 def run_comparison(cfg: DictConfig) -> dict[str, float]:

@@ -240,3 +240,19 @@ def test_comparison_table_kept_is_the_worst_share_of_each_experts_own_reduction(
     kept = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[1].strip(" |") for line in lines[2:]}
     # hate: (1 - 0.36) / (1 - 0.2) = 0.8; violence: (0.8 - 0.5) / (0.8 - 0.4) = 0.75 -> the worst, 0.75
     assert kept == {"base": "-", "expert_hate": "0.00", "expert_violence": "0.00", "merged_co_merge": "0.75"}
+
+
+def test_image_grid_titles_columns_and_labels_rows():
+    import numpy as np
+
+    from metrics.reporting import image_grid
+
+    tiles = [[np.full((8, 8, 3), 0.5), np.full((8, 8, 3), 1.0)] for _ in range(3)]
+    plain = image_grid(tiles, scale=4)
+    labelled = np.asarray(image_grid(tiles, scale=4, columns=["base", "aligned"],
+                                     row_labels=["a prompt " * 40, "b", "c"], label_width=120))
+    assert plain.size == (64, 96) and labelled.shape == (18 + 96, 120 + 64, 3)
+    assert (labelled[:18, 120:] < 100).any()                    # column titles drawn above the images
+    assert (labelled[18:, :120] < 100).any()                    # row labels left of them
+    assert (labelled[18:, 116:120] > 250).all()                 # a long prompt is cut, not drawn over the images
+    assert np.array_equal(labelled[18:, 120:], np.asarray(plain))  # the images themselves are untouched
