@@ -53,8 +53,9 @@ class LoraExportCallback(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, module: AlignmentModule, checkpoint: dict) -> None:
         if not (trainer.is_global_zero and module.uses_lora):
             return
-        if self._exported_step != trainer.global_step:  # the top-k and last.ckpt saves of one step export once
-            self._export(trainer, module, f"step_{trainer.global_step:06d}")
+        kept = self._top_k_steps(trainer)  # the top-k save comes before last.ckpt's: this step is in, or never
+        if self._exported_step != trainer.global_step and (kept is None or trainer.global_step in kept.values()):
+            self._export(trainer, module, f"step_{trainer.global_step:06d}")  # once for the top-k and last.ckpt saves
             self._exported_step = trainer.global_step
         self._prune(trainer)
 

@@ -135,13 +135,14 @@ def test_keeps_the_last_k_checkpoints_with_their_exports_across_a_resume_and_wri
     assert "base_model" not in text
 
 
-def test_save_top_k_minus_one_keeps_every_checkpoint_and_export(tiny_components, tmp_path):
+@pytest.mark.parametrize("keep, steps", [(-1, [1, 2, 3]), (0, [])])
+def test_save_top_k_minus_one_keeps_every_checkpoint_and_export_and_zero_none(tiny_components, tmp_path, keep, steps):
     from models.callbacks import LoraExportCallback
 
     fit(lora_module(tiny_components), tiny_components, tmp_path,
-        [checkpoint_every_step(tmp_path, -1), LoraExportCallback(tmp_path / "lora")], max_steps=4)
-    assert names(tmp_path / "checkpoints") == {f"step={s:06d}.ckpt" for s in range(1, 5)} | {"last.ckpt"}
-    assert names(tmp_path / "lora") == {f"step_{s:06d}" for s in range(1, 5)} | {"final"}
+        [checkpoint_every_step(tmp_path, keep), LoraExportCallback(tmp_path / "lora")], max_steps=3)
+    assert names(tmp_path / "checkpoints") == {f"step={s:06d}.ckpt" for s in steps} | {"last.ckpt"}
+    assert names(tmp_path / "lora") == {f"step_{s:06d}" for s in steps} | {"final"}
 
 
 def composed_callbacks(*overrides: str) -> list:
