@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import Tensor
 
@@ -42,7 +41,9 @@ def save_unet_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_na
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter_name))
+    # peft's own key names for every layer: diffusers' conversion renames only the attention projections, and
+    # its loader picks one naming from the file's first key, so a mixed file would lose the other layers
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[adapter_name].to_dict()
     staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))

@@ -50,6 +50,8 @@ def names(directory: Path) -> set[str]:
 @pytest.mark.parametrize("targets, count, example", [
     (None, 32, "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0"),  # 8 attentions x 4
     (["proj_in", "ff.net.0.proj", "conv1"], 4 + 4 + 8, "lora_unet_mid_block_resnets_1_conv1"),
+    # attention and other layers in one file: every layer must survive the reload, whichever key sorts first
+    (["proj_in", "to_k"], 4 + 8, "lora_unet_down_blocks_0_attentions_0_proj_in"),
 ])
 def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_path, targets, count, example):
     """diffusers detects the kohya keys and converts them back: the UNet computes what the diffusers file gives."""
@@ -87,6 +89,7 @@ def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_p
     with torch.no_grad():
         trained = module.unet(z, t, encoder_hidden_states=c).sample
     torch.testing.assert_close(outputs[KOHYA_WEIGHT_NAME], trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(outputs[LORA_WEIGHT_NAME], trained, rtol=0, atol=1e-5)
 
 
 def test_keeps_the_last_k_checkpoints_with_their_exports_across_a_resume_and_writes_a_card(tmp_path):
@@ -204,7 +207,6 @@ def test_train_py_with_ema_keeps_two_checkpoints_and_exports_the_average(tiny_pi
     assert ema["num_updates"] == 4
     exported = load_file(out / "lora" / "final" / "pytorch_lora_weights.safetensors")
     for name, average in ema["shadow"].items():
-        key = (name.replace(".lora_A.default.weight", ".lora.down.weight")
-               .replace(".lora_B.default.weight", ".lora.up.weight"))
+        key = "unet." + name.removeprefix("unet.").replace(".default.weight", ".weight")
         torch.testing.assert_close(exported[key], average, rtol=0, atol=1e-6)
         assert not torch.equal(state["state_dict"][name], average)  # the checkpoint keeps the training weights
