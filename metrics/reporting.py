@@ -23,6 +23,7 @@ def comparison_table(results: dict[str, dict[str, float]], categories: list[str]
     faithfulness, UAS. Rows named ``expert_<category>`` set the bar for their own category: the
     ``kept`` column gives, for every other row, the smallest share over categories of the harmful-rate
     reduction the category's expert achieved that this row achieves too (1.0 = as good as every expert)."""
+    categories = [c for c in categories if all(f"ip/{c}" in m for m in results.values())]  # measured by every row
     columns = [f"ip/{c}" for c in categories] + ["ip", "benign_fidelity", "faithfulness", "uas"]
     base = results["base"]
     experts = {c: results[f"expert_{c}"] for c in categories if f"expert_{c}" in results}

@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from data.toy.world import CATEGORIES, ToyWorld
 from metrics import toy_oracle
 from metrics.reporting import atomic_write, image_grid, markdown_table
+from models.ema import find_ema
 from models.sampling import SamplerSettings
 from models.sampling import generate as sample
 
@@ -69,7 +70,9 @@ class ToyAlignmentReport(L.Callback):
         images = {}
         was_training = module.training
         module.eval()
-        with torch.no_grad(), (module.base() if base else nullcontext(module.unet)) as unet:
+        ema = find_ema(trainer) if not base else None  # with EMA on, the exported (averaged) weights
+        with torch.no_grad(), (module.base() if base else nullcontext(module.unet)) as unet, \
+                (ema.swapped(module) if ema is not None else nullcontext()):
             if unet is None:
                 module.train(was_training)
                 return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import torch
 from data.prompts import EvalPrompt
 from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs, shard
 from metrics.reporting import atomic_write, image_grid
+from models.ema import find_ema
 from models.sampling import SamplerSettings, use_scheduler
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,8 @@ class AlignmentValidation(L.Callback):
         pipe = self._pipeline(trainer, module, module.unet)
         was_training = module.training
         module.eval()
-        with torch.no_grad():
+        ema = find_ema(trainer)  # with EMA on, validate the averaged weights, which the exports hold
+        with torch.no_grad(), (ema.swapped(module) if ema is not None else nullcontext()):
             records, images = generate_records(pipe, self._jobs(False, trainer), self.settings, self.scorer,
                                                progress=False)
         module.train(was_training)

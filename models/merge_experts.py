@@ -106,7 +106,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     from models.adapter_merging import merge_adapters
     from models.components import load_model
     from models.encoders import ConditionEncoder
-    from models.lora_io import save_unet_lora
+    from models.lora_io import save_kohya_lora, save_unet_lora
 
     mc = cfg.merge
     methods = merge_methods(mc.method)
@@ -129,6 +129,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
                                 density=mc.density)
         out = Path(mc.output_dir) / method
         path = save_unet_lora(unet, out, method)
+        save_kohya_lora(unet, out, method)  # the same merge for AUTOMATIC1111 / ComfyUI
         report = {"experts": [str(e) for e in mc.experts], "method": method, "rank": unet.peft_config[method].r}
         if errors:
             report["relative_svd_error"] = errors

@@ -24,6 +24,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     from models.attention_backend import check_attention_backend
     from models.components import load_model
     from models.encoders import ConditionEncoder
+    from models.optimizers import check_optimizer
 
     objective = instantiate(cfg.objective)
     if not isinstance(objective, Objective):
@@ -37,6 +38,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     check_attention_backend(m.get("attention_backend"))
     check_batch_reference(m.get("batch_reference", False), m.lora, m.gradient_checkpointing)
     check_frozen_dtype(m.frozen_dtype, m.lora, cfg.trainer.get("precision", "32-true"))
+    check_optimizer(m.get("optimizer"))
     components = load_model(m)
     resolution = int(m.resolution or components.resolution)
     datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)

@@ -148,6 +148,7 @@ def test_merge_task_on_saved_experts_writes_a_lora_diffusers_loads(tmp_path):
     report = json.loads((out / "merged" / "co_merge" / "merge_report.json").read_text())
     assert report["rank"] == 5 and 0 <= report["relative_svd_error"]["max"] < 1
     assert json.loads((out / "merged" / "cat" / "merge_report.json").read_text())["rank"] == 5
+    assert (out / "merged" / "co_merge" / "lora_kohya.safetensors").is_file()
 
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
     pipe.set_progress_bar_config(disable=True)

@@ -57,7 +57,7 @@ def test_ema_updates_once_per_optimizer_step_and_the_lora_export_holds_it(tiny_c
     for name, average in expected.items():
         path, kind = name.removeprefix("unet.").rsplit(".lora_", 1)
         down = kind.startswith("A")
-        key = f"unet.{path}.lora.{'down' if down else 'up'}.weight"
+        key = f"unet.{path}.lora_{'A' if down else 'B'}.weight"
         torch.testing.assert_close(diffusers_file[key], average, rtol=0, atol=1e-6)
         kohya_key = f"lora_unet_{path.replace('.', '_')}.lora_{'down' if down else 'up'}.weight"
         torch.testing.assert_close(kohya[kohya_key], average, rtol=0, atol=1e-6)

@@ -173,3 +173,10 @@ def test_ddp_waits_longer_than_lightnings_30_minutes_at_barriers():
     assert strategy._timeout == timedelta(hours=6)
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         assert instantiate(compose("train", overrides=["trainer=ddp"]).trainer.strategy)._timeout >= timedelta(hours=24)
+
+
+def test_bad_optimizer_is_refused_before_the_model_loads(tmp_path):
+    run = train(tmp_path / "run", "model.optimizer._target_=torch.optim.AdamQ", "model.pretrained=/nonexistent/model",
+                "logger=none")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == "error: model.optimizer._target_: torch.optim has no 'AdamQ'"
