@@ -95,13 +95,15 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     """The runner of the tasks that fit a LightningModule: ``cfg.task.builder`` makes it and its data."""
     import lightning as L
     from hydra.utils import get_method, instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     module, datamodule = get_method(cfg.task.builder)(cfg)
     loggers = build_loggers(cfg.get("logger"))
     callbacks = build_callbacks(cfg.get("callbacks"))
     if not loggers:  # logger=none: nothing to write learning rates to (Lightning would refuse the monitor)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar it was told to hide
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=cfg.output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

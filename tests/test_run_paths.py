@@ -180,3 +180,29 @@ def test_bad_optimizer_is_refused_before_the_model_loads(tmp_path):
                 "logger=none")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == "error: model.optimizer._target_: torch.optim has no 'AdamQ'"
+
+
+def test_progress_bar_counts_optimizer_steps_out_of_max_steps_across_epochs():
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from models.progress import StepProgressBar
+
+    class Bar(StepProgressBar):
+        seen: list = []
+
+        def _show(self, trainer, module=None):
+            super()._show(trainer, module)
+            self.seen.append((self.train_progress_bar.n, self.train_progress_bar.total, self.train_progress_bar.desc))
+
+    bar = Bar()
+    trainer = L.Trainer(max_steps=7, max_epochs=-1, accumulate_grad_batches=2, limit_train_batches=5,
+                        limit_val_batches=0, callbacks=[bar], logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu")
+    bar._should_update = lambda current, total: True  # tqdm disables itself without a terminal; count every update
+    trainer.fit(BoringModel())
+    # 5 batches an epoch, accumulation 2: 3 steps an epoch; the bar never goes back at an epoch boundary
+    assert all(total == 7 for _, total, _ in bar.seen)
+    steps = [n for n, _, _ in bar.seen]
+    assert steps == sorted(steps) and steps[-1] == 7
+    assert any("epoch 2" in desc for _, _, desc in bar.seen) and not any("/-2" in desc for _, _, desc in bar.seen)
