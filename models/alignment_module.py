@@ -7,6 +7,7 @@ fine-tuning keeps a frozen copy instead.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -23,6 +24,8 @@ from models.attention_backend import attention_backend, check_attention_backend
 from models.dtypes import torch_dtype
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 from models.optimizers import build_optimizer
+
+log = logging.getLogger(__name__)
 
 
 def check_batch_reference(batch_reference: bool, lora: Mapping[str, Any] | None, gradient_checkpointing: bool) -> None:
@@ -74,6 +77,7 @@ class AlignmentModule(L.LightningModule):
         benign_anchor: float = 0.0,
         batch_reference: bool = False,
         attention_backend: str | None = None,
+        scale_lr: bool = False,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -81,6 +85,8 @@ class AlignmentModule(L.LightningModule):
         self.adapter_name = adapter_name
         self.seed = int(seed)
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-5})
+        # as the diffusers scripts' --scale_lr: the learning rate given is per pair of the effective batch
+        self.scale_lr = bool(scale_lr)
         self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
         num_train = noise_scheduler.config.num_train_timesteps
         self.t_min, self.t_max = int(t_min), int(num_train - 1 if t_max is None else t_max)
@@ -296,10 +302,20 @@ class AlignmentModule(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in out.metrics.items()}, sync_dist=True,
                       batch_size=batch["latents_w"].shape[0])
 
+    def effective_batch(self) -> int:
+        """Pairs per optimizer step over every process: processes x data.batch_size x accumulation."""
+        batch = int(getattr(self.trainer.datamodule, "batch_size", 1) or 1)
+        return int(self.trainer.world_size) * batch * int(self.trainer.accumulate_grad_batches)
+
     def configure_optimizers(self):
         """``model.optimizer`` (any torch optimizer class by ``_target_``, AdamW by default) over the trainable
         parameters, and the diffusers LR schedule stepped every optimizer step."""
-        optimizer = build_optimizer((p for _, p in self.trainable_parameters()), self.optimizer_cfg)
+        cfg = dict(self.optimizer_cfg)
+        if self.scale_lr and self._trainer is not None:
+            cfg["lr"] = float(cfg.get("lr", 1e-3)) * self.effective_batch()
+            log.info("model.scale_lr: learning rate %.3g x effective batch %d = %.3g",
+                     self.optimizer_cfg.get("lr"), self.effective_batch(), cfg["lr"])
+        optimizer = build_optimizer((p for _, p in self.trainable_parameters()), cfg)
         sched_cfg = dict(self.lr_scheduler_cfg)
         scheduler = get_scheduler(
             sched_cfg.get("name", "constant"), optimizer,

@@ -50,7 +50,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
         seed=cfg.seed, channels_last=m.get("channels_last", False), compile=m.get("compile", False),
         benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
-        attention_backend=m.get("attention_backend"),
+        attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False),
     )
     return module, datamodule
 

@@ -206,3 +206,36 @@ def test_progress_bar_counts_optimizer_steps_out_of_max_steps_across_epochs():
     steps = [n for n, _, _ in bar.seen]
     assert steps == sorted(steps) and steps[-1] == 7
     assert any("epoch 2" in desc for _, _, desc in bar.seen) and not any("/-2" in desc for _, _, desc in bar.seen)
+
+
+def test_full_unet_recipe_scales_the_learning_rate_by_the_effective_batch(tiny_components):
+    """The Diffusion-DPO recipe's 1e-8 is per pair of its 2048-pair batch: 2.048e-5, on 1 GPU or 8."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from alignment.dpo import DPO
+    from models.alignment_module import AlignmentModule
+    from tests.test_workflow import ROOT
+
+    for devices, accumulate in ((1, None), (8, 32)):
+        overrides = ["experiment=dpo_pickapic_sd15_full", "data.path=/data"]
+        overrides += [f"trainer.accumulate_grad_batches={accumulate}"] if accumulate else []
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        m = cfg.model
+        assert m.lora is None and m.scale_lr and cfg.objective.beta == 5000
+        module = AlignmentModule(tiny_components.unet, tiny_components.noise_scheduler, DPO(),
+                                 optimizer=OmegaConf.to_container(m.optimizer), scale_lr=m.scale_lr,
+                                 lr_scheduler=OmegaConf.to_container(m.lr_scheduler))
+        module._trainer = SimpleNamespace(world_size=devices, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+                                          datamodule=SimpleNamespace(batch_size=cfg.data.batch_size),
+                                          estimated_stepping_batches=cfg.trainer.max_steps)
+        assert module.effective_batch() == 2048
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(2.048e-5, rel=1e-9)
+        assert type(optimizer).__name__ == "AdamW"
+    plain = AlignmentModule(tiny_components.unet, tiny_components.noise_scheduler, DPO(), optimizer={"lr": 1e-5})
+    plain._trainer = module._trainer
+    assert plain.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(1e-5)
