@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from data.errors import InputError
-from data.pairs import PreferencePair, describe, load_rgb, preprocess
+from data.pairs import ImageLimits, PreferencePair, describe, load_rgb, one_line, preprocess
 from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,23 @@ def dataset_fingerprint(pairs: Sequence[PreferencePair]) -> str:
 
 
 def cache_key(encoder_fingerprint: str, pairs: Sequence[PreferencePair], resolution: int,
-              center_crop: bool, flip: bool, dtype: str) -> str:
+              center_crop: bool, flip: bool, dtype: str, limits: ImageLimits | None = None) -> str:
+    """The cache's folder name; ``limits`` (when given) is part of it, as it decides which pairs are valid."""
     spec = dict(version=CACHE_VERSION, encoders=encoder_fingerprint, data=dataset_fingerprint(pairs),
                 resolution=resolution, center_crop=center_crop, flip=flip, dtype=dtype)
+    if limits is not None:
+        spec["image_limits"] = [limits.max_pixels, limits.max_aspect_ratio, limits.min_side]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: ConditionEncoder, resolution: int,
-                center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8, skip_bad: bool = False) -> Path:
+                center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8, skip_bad: bool = False,
+                limits: ImageLimits = ImageLimits()) -> Path:
     """Encode every pair (and its mirror image when ``flip``) and every distinct prompt; write atomically.
 
-    An unreadable image stops the build with its one-line error, or with ``skip_bad`` marks the pair
-    invalid (``valid`` row 0, its error in the metadata) and stores zeros in its place.
+    An unreadable image, or one outside ``limits`` (checked before decoding), stops the build with its
+    one-line error, or with ``skip_bad`` marks the pair invalid (``valid`` row 0, its error in the metadata)
+    and stores zeros in its place.
     """
     has_losers = all(p.image_l is not None for p in pairs)
     sides = ["w", "l"] if has_losers else ["w"]
@@ -58,7 +63,7 @@ def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: Condi
 
     def pixels_of(index: int, pair: PreferencePair, side: str) -> torch.Tensor:
         try:
-            return preprocess(load_rgb(getattr(pair, f"image_{side}"), pair.source), resolution, center_crop)
+            return preprocess(load_rgb(getattr(pair, f"image_{side}"), pair.source, limits), resolution, center_crop)
         except InputError as error:
             if not skip_bad:
                 raise
@@ -93,18 +98,29 @@ def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: Condi
 
 
 class CacheReader:
-    """Lazy, per-process reader of one cache file (safetensors handles cannot cross a fork)."""
+    """Lazy, per-process reader of one cache file (safetensors handles cannot cross a fork).
+
+    A file that cannot be read (truncated, overwritten, written by another program) is refused in one line
+    naming it and the fix: delete its folder, and the next run rebuilds it.
+    """
 
     def __init__(self, file: Path) -> None:
         self.file = file
         self._handle = None
         self._pid = None
-        with safe_open(str(file), framework="pt") as f:
-            self.keys = set(f.keys())
-            self.prompt_index = f.get_tensor("prompt_index")
-            self.uncond = f.get_tensor("uncond_embeds")[0]
-            self.valid = f.get_tensor("valid").bool() if "valid" in self.keys else torch.ones(len(self.prompt_index), dtype=torch.bool)
-            self.errors: list[str] = json.loads((f.metadata() or {}).get("errors", "[]"))
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                self.keys = set(f.keys())
+                missing = sorted({"prompt_index", "uncond_embeds", "prompt_embeds", "latents_w"} - self.keys)
+                if missing:
+                    raise ValueError(f"no tensor(s) {missing}")
+                self.prompt_index = f.get_tensor("prompt_index")
+                self.uncond = f.get_tensor("uncond_embeds")[0]
+                self.valid = f.get_tensor("valid").bool() if "valid" in self.keys else torch.ones(len(self.prompt_index), dtype=torch.bool)
+                self.errors: list[str] = json.loads((f.metadata() or {}).get("errors", "[]"))
+        except (SafetensorError, OSError, ValueError, RuntimeError, IndexError) as err:
+            raise InputError(f"{file}: cannot read the latent cache ({one_line(err)}); it is truncated or corrupt: "
+                             f"delete {file.parent} and rerun to rebuild it") from None
 
     def _open(self):
         if self._handle is None or self._pid != os.getpid():
