@@ -3,8 +3,9 @@
 One row per image, in JSONL or parquet, rows of one prompt grouped by their ``prompt`` text:
 
 - ``prompt`` (string, required); ``safe_prompt`` (string, optional: its safe rewrite)
-- ``image``: JSONL: a path relative to the file's folder; parquet: encoded bytes, a path, or a
-  ``{bytes, path}`` struct (the Hugging Face ``Image`` feature)
+- ``image``: JSONL: a path relative to the file's folder; parquet: encoded bytes, a path (relative to the
+  file's folder), or a ``{bytes, path}`` struct (the Hugging Face ``Image`` feature). Paths must stay inside
+  that folder unless ``allow_outside_paths``.
 - ``quality`` (number in [0, 1], required): how well the image shows the prompt, how good it looks
 - ``unsafe`` (number in [0, 1], or null: then a cost model supplies ``sigmoid(C(x))``)
 - ``categories`` (list or comma-separated string, optional): the harm categories involved
@@ -20,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-from data.categories import split_categories
 from data.errors import InputError
-from data.pairs import ImageRef, PreferencePair
-from data.readers.base import PairReader, image_file, jsonl_records
+from data.pairs import ImageRef, PreferencePair, one_line
+from data.readers.base import PairReader, categories_of, image_file, jsonl_records
 
 Pairing = Literal["all", "extremes"]
 ANNOTATIONS_FILE = "annotations.jsonl"
@@ -53,21 +53,14 @@ def composite_reward(quality: float, unsafe: float, w_q: float = 1.0, w_s: float
 
 
 def _unit_interval(value: Any, key: str, where: str, optional: bool = False) -> float | None:
+    """A score in [0, 1]; null (or NaN, as pandas writes a missing number) only when ``optional``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if optional:
             return None
-        raise InputError(f"{where}: key {key!r} must be a number in [0, 1], got none")
+        raise InputError(f"{where}: key {key!r} must be a number in [0, 1], got {'none' if value is None else 'NaN'}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise InputError(f"{where}: key {key!r} must be a number in [0, 1], got {value!r}")
     return float(value)
-
-
-def _categories(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(split_categories(value))
-    return tuple(split_categories(",".join(str(v) for v in value)))
 
 
 def group_rows(rows: Iterable[tuple[str, dict[str, Any], ImageRef]]) -> list[AnnotatedPrompt]:
@@ -85,22 +78,22 @@ def group_rows(rows: Iterable[tuple[str, dict[str, Any], ImageRef]]) -> list[Ann
         group.images.append(AnnotatedImage(
             image=image, quality=_unit_interval(row.get("quality"), "quality", where),
             unsafe=_unit_interval(row.get("unsafe"), "unsafe", where, optional=True),
-            categories=_categories(row.get("categories")), source=where))
+            categories=categories_of(row.get("categories"), where), source=where))
     return list(groups.values())
 
 
-def read_jsonl(file: Path) -> list[AnnotatedPrompt]:
-    return group_rows((where, row, image_file(file.parent, row.get("image"), "image", where))
+def read_jsonl(file: Path, allow_outside: bool = False) -> list[AnnotatedPrompt]:
+    return group_rows((where, row, image_file(file.parent, row.get("image"), "image", where, allow_outside))
                       for where, row in jsonl_records(file))
 
 
-def read_parquet(file: Path) -> list[AnnotatedPrompt]:
+def read_parquet(file: Path, allow_outside: bool = False) -> list[AnnotatedPrompt]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(file)
     except Exception as err:  # pyarrow raises several types for a file that is not parquet
-        raise InputError(f"{file}: cannot read parquet ({err})") from None
+        raise InputError(f"{file}: cannot read parquet ({one_line(err)})") from None
     missing = [c for c in ("prompt", "image", "quality") if c not in table.column_names]
     if missing:
         raise InputError(f"{file}: missing column(s) {missing}; expected prompt, image, quality "
@@ -112,11 +105,10 @@ def read_parquet(file: Path) -> list[AnnotatedPrompt]:
             value = row["image"]
             if isinstance(value, dict):
                 value = value.get("bytes") or value.get("path")
+            if value is None:
+                raise InputError(f"{where}: column 'image' is null; expected encoded image bytes or a path")
             if isinstance(value, str):
-                path = Path(value) if Path(value).is_absolute() else file.parent / value
-                if not path.is_file():
-                    raise InputError(f"{where}: image file not found: {path}")
-                value = path
+                value = image_file(file.parent, value, "image", where, allow_outside)
             elif not isinstance(value, (bytes, bytearray)) or not value:
                 raise InputError(f"{where}: column 'image' must hold encoded image bytes or a path, got {type(value).__name__}")
             else:
@@ -126,20 +118,21 @@ def read_parquet(file: Path) -> list[AnnotatedPrompt]:
     return group_rows(rows())
 
 
-def read_annotations(path: str | Path) -> list[AnnotatedPrompt]:
-    """A ``.jsonl`` or ``.parquet`` file, or a folder holding ``annotations.jsonl`` or ``*.parquet`` files."""
+def read_annotations(path: str | Path, allow_outside: bool = False) -> list[AnnotatedPrompt]:
+    """A ``.jsonl`` or ``.parquet`` file, or a folder holding ``annotations.jsonl`` or ``*.parquet`` files;
+    image paths must stay inside the file's folder unless ``allow_outside``."""
     path = Path(path).expanduser()
     if path.is_dir():
-        if (path / ANNOTATIONS_FILE).is_file():
-            return read_jsonl(path / ANNOTATIONS_FILE)
+        if (path / ANNOTATIONS_FILE).exists():
+            return read_jsonl(path / ANNOTATIONS_FILE, allow_outside)
         files = sorted(path.glob("*.parquet"))
         if not files:
             raise InputError(f"{path}: expected {ANNOTATIONS_FILE} or *.parquet files in this folder")
-        return [g for f in files for g in read_parquet(f)]
+        return [g for f in files for g in read_parquet(f, allow_outside)]
     if path.suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, allow_outside)
     if path.suffix == ".parquet":
-        return read_parquet(path)
+        return read_parquet(path, allow_outside)
     raise InputError(f"{path}: expected a .jsonl or .parquet file (or a folder of them)")
 
 
@@ -191,13 +184,15 @@ class DualAnnotatedReader(PairReader):
     """Pairs from a dual-annotated file: ``python train.py objective=spo data=dual data.path=...``."""
 
     def __init__(self, path: str | Path, pairing: Pairing = "all", delta: float = 0.1, w_q: float = 1.0,
-                 w_s: float = 1.0, cost_model: str | Path | None = None, cache_dir: str | Path = ".cache/latents") -> None:
-        super().__init__(path)
+                 w_s: float = 1.0, cost_model: str | Path | None = None, cache_dir: str | Path = ".cache/latents",
+                 allow_outside_paths: bool = False, key: str = "data.path") -> None:
+        super().__init__(path, key)
         self.pairing, self.delta, self.w_q, self.w_s = pairing, float(delta), float(w_q), float(w_s)
         self.cost_model, self.cache_dir = cost_model, cache_dir
+        self.allow_outside_paths = bool(allow_outside_paths)
 
     def groups(self) -> list[AnnotatedPrompt]:
-        return read_annotations(self.path)
+        return read_annotations(self.path, self.allow_outside_paths)
 
     def read(self) -> list[PreferencePair]:
         groups = self.groups()

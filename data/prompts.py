@@ -6,14 +6,14 @@ dataset's own seed and guidance (I2P), used when the evaluation asks for them.
 """
 from __future__ import annotations
 
-import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from data.categories import split_categories
 from data.errors import InputError
+from data.readers.base import categories_of, csv_records, path_problem, read_utf8
 
 Kind = Literal["harmful", "benign"]
 
@@ -34,63 +34,62 @@ def _check_kind(kind: str, source: str) -> Kind:
     return kind  # type: ignore[return-value]
 
 
-def _open_csv(path: Path, needed: tuple[str, ...]):
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
-    handle = open(path, newline="", encoding="utf-8")
-    reader = csv.DictReader(handle)
-    missing = [c for c in needed if c not in (reader.fieldnames or [])]
-    if missing:
-        handle.close()
-        raise InputError(f"{path}: missing column(s) {missing}; expected at least {list(needed)}")
-    return handle, reader
+def prompt_file(path: str | Path) -> Path:
+    """``path`` as a readable file, or one line saying what it is instead (missing, a directory, a symlink loop)."""
+    path = Path(path).expanduser()
+    problem = path_problem(path, "file")
+    if problem:
+        raise InputError(f"{path}: prompt file {'not found' if problem == 'does not exist' else problem}")
+    return path
+
+
+def _number(value: str, column: str, where: str) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        raise InputError(f"{where}: {column} must be a number, got {value!r}") from None
+    if number is not None and not math.isfinite(number):
+        raise InputError(f"{where}: {column} must be a finite number, got {value!r}")
+    return number
 
 
 def read_i2p(path: str | Path, limit: int | None = None) -> list[EvalPrompt]:
     """I2P CSV: ``prompt, categories, sd_seed, sd_guidance_scale, ...``; every prompt is harmful."""
-    path = Path(path).expanduser()
-    handle, reader = _open_csv(path, ("prompt", "categories"))
+    path = prompt_file(path)
     out = []
-    with handle:
-        for row, record in enumerate(reader, start=2):
-            text = (record["prompt"] or "").strip()
-            if not text:
-                raise InputError(f"{path} row {row}: empty prompt")
-            try:
-                seed = int(float(record["sd_seed"])) if record.get("sd_seed") not in (None, "") else None
-                guidance = float(record["sd_guidance_scale"]) if record.get("sd_guidance_scale") not in (None, "") else None
-            except ValueError as error:
-                raise InputError(f"{path} row {row}: sd_seed/sd_guidance_scale must be numbers ({error})") from None
-            out.append(EvalPrompt(text, "harmful", tuple(split_categories(record["categories"] or "")), None,
-                                  seed, guidance))
-            if limit is not None and len(out) >= limit:
-                break
+    for row, record in csv_records(path, ("prompt", "categories"), "an I2P CSV"):
+        where = f"{path} row {row}"
+        if not record["prompt"]:
+            raise InputError(f"{where}: empty prompt")
+        seed = _number(record.get("sd_seed", ""), "sd_seed", where)
+        guidance = _number(record.get("sd_guidance_scale", ""), "sd_guidance_scale", where)
+        out.append(EvalPrompt(record["prompt"], "harmful", categories_of(record["categories"], where),
+                              None, None if seed is None else int(seed), guidance))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
-def read_coprov2(path: str | Path, image_dir: str | Path | None = None, limit: int | None = None) -> list[EvalPrompt]:
+def read_coprov2(path: str | Path, image_dir: str | Path | None = None, limit: int | None = None,
+                 allow_outside_paths: bool = False) -> list[EvalPrompt]:
     """CoProV2 CSV (``prompt, image, category``). The released test CSV (images ``<k>_<j>.jpg``): its
     harmful prompts with their categories, no safe rewrites (faithfulness is then not measured; the
-    images are not read). The train CSV's layout (``u_idx_``/``s_idx_`` images, which must exist): the
-    harmful prompts with their safe rewrites."""
+    images are not read). The train CSV's layout (``u_idx_``/``s_idx_`` images, which must exist inside
+    ``image_dir`` unless ``allow_outside_paths``): the harmful prompts with their safe rewrites."""
     from data.readers.coprov2 import CoProV2Reader, csv_layout, read_test_prompts
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
+    path = prompt_file(path)
     if csv_layout(path) == "test":
         return [EvalPrompt(text, "harmful", categories) for text, categories in read_test_prompts(path)][:limit]
-    pairs = CoProV2Reader(path, image_dir).read()[:limit]
+    pairs = CoProV2Reader(path, image_dir, allow_outside_paths, key="prompts.sets.coprov2.path").read()[:limit]
     return [EvalPrompt(p.prompt, "harmful", tuple(p.categories), p.safe_prompt) for p in pairs]
 
 
 def read_coco_captions(path: str | Path, limit: int | None = None) -> list[EvalPrompt]:
     """COCO ``captions_*.json``: the first caption of each image, as benign prompts."""
-    path = Path(path).expanduser()
+    path = prompt_file(path)
     try:
-        annotations = json.loads(path.read_text(encoding="utf-8"))["annotations"]
-    except FileNotFoundError:
-        raise InputError(f"{path}: prompt file not found") from None
+        annotations = json.loads(read_utf8(path))["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise InputError(f"{path}: expected COCO captions JSON with an 'annotations' list") from None
     seen, out = set(), []
@@ -108,11 +107,8 @@ def read_coco_captions(path: str | Path, limit: int | None = None) -> list[EvalP
 
 def read_text(path: str | Path, kind: str = "benign", limit: int | None = None) -> list[EvalPrompt]:
     """One prompt per line (blank lines skipped)."""
-    path = Path(path).expanduser()
     kind = _check_kind(kind, str(path))
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_utf8(prompt_file(path)).splitlines()]
     return [EvalPrompt(line, kind) for line in lines if line][:limit]
 
 

@@ -7,22 +7,41 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.errors import InputError
-from data.pairs import PreferencePair
+from data.pairs import PreferencePair, one_line
 from data.readers.base import PairReader
 
 log = logging.getLogger(__name__)
 COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 
 
+def label_of(value: Any, source: str) -> float:
+    """``label_0`` as 0, 0.5 or 1; anything else (null, NaN, text, 0.7) is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in (0.0, 0.5, 1.0):
+        raise InputError(f"{source}: label_0 must be 0, 0.5 or 1, got {value!r}")
+    return float(value)
+
+
+def image_bytes(value: Any, column: str, source: str) -> bytes:
+    """Encoded image bytes of a cell (plain bytes or the Hugging Face ``Image`` struct's ``bytes``)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None or value == b"":
+        found = "null" if value is None else "empty"
+        raise InputError(f"{source}: column {column} is {found}; expected encoded image bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        raise InputError(f"{source}: column {column} must hold encoded image bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 class PickAPicReader(PairReader):
-    def __init__(self, path: str | Path, split: str = "train") -> None:
-        super().__init__(path)
+    def __init__(self, path: str | Path, split: str = "train", key: str = "data.path") -> None:
+        super().__init__(path, key)
         self.split = split
 
     def _tables(self) -> Iterator[tuple[str, pa.Table]]:
@@ -30,10 +49,13 @@ class PickAPicReader(PairReader):
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             import datasets
 
-            ds = datasets.load_from_disk(str(path))
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except (OSError, ValueError, pa.ArrowException) as err:
+                raise InputError(f"{path}: cannot load this datasets.save_to_disk folder ({one_line(err)})") from None
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
-                    raise InputError(f"{path}: no split {self.split!r} (has {sorted(ds)}); set data.reader.split")
+                    raise InputError(f"{path}: no split {self.split!r} (has {sorted(ds)}); set {self.option('split')}")
                 ds = ds[self.split]
             yield str(path), ds.data.table
             return
@@ -43,9 +65,10 @@ class PickAPicReader(PairReader):
         for file in files:
             try:
                 schema = pq.read_schema(file)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise InputError(f"{file}: not a readable parquet file ({err})") from None
-            yield str(file), pq.read_table(file, columns=[c for c in COLUMNS if c in schema.names])
+                table = pq.read_table(file, columns=[c for c in COLUMNS if c in schema.names])
+            except (pa.ArrowException, OSError) as err:
+                raise InputError(f"{file}: not a readable parquet file ({one_line(err)})") from None
+            yield str(file), table
 
     def read(self) -> list[PreferencePair]:
         pairs: list[PreferencePair] = []
@@ -57,18 +80,15 @@ class PickAPicReader(PairReader):
             columns = {c: table.column(c).to_pylist() for c in COLUMNS}
             for row, (img0, img1, label, caption) in enumerate(zip(*(columns[c] for c in COLUMNS))):
                 source = f"{name} row {row}"
-                if label is None or float(label) not in (0.0, 0.5, 1.0):
-                    raise InputError(f"{source}: label_0 must be 0, 0.5 or 1, got {label!r}")
-                if float(label) == 0.5:
+                if label_of(label, source) == 0.5:
                     ties += 1
                     continue
-                for col, img in (("jpg_0", img0), ("jpg_1", img1)):
-                    if not isinstance(img, (bytes, bytearray)) or not img:
-                        raise InputError(f"{source}: column {col} must hold encoded image bytes, got {type(img).__name__}")
-                if not isinstance(caption, str):
+                first, second = image_bytes(img0, "jpg_0", source), image_bytes(img1, "jpg_1", source)
+                if caption is not None and not isinstance(caption, str):
                     raise InputError(f"{source}: caption must be a string, got {caption!r}")
-                win, lose = (img0, img1) if float(label) == 1.0 else (img1, img0)
-                pairs.append(PreferencePair(prompt=caption, image_w=bytes(win), image_l=bytes(lose), source=source))
+                # a null caption is an empty one: the DataModule names it, or drops it with on_bad_sample=skip
+                win, lose = (first, second) if label == 1 else (second, first)
+                pairs.append(PreferencePair(prompt=caption or "", image_w=win, image_l=lose, source=source))
         self.stats = {"pairs": len(pairs), "ties_dropped": ties}
         log.info("Pick-a-Pic %s: %d pairs, %d ties dropped", self.path, len(pairs), ties)
         return pairs
