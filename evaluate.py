@@ -64,8 +64,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs
     from metrics.reporting import atomic_write, image_grid, markdown_table
     from models.components import load_model
+    from models.config_checks import check_eval_config
     from models.sampling import SamplerSettings, use_scheduler
 
+    check_eval_config(cfg)  # before anything loads: ranges, paths, output directories
     torch.manual_seed(cfg.seed)
     prompts = [p for spec in cfg.prompts.sets.values() if spec is not None for p in instantiate(spec)]
     if not any(p.kind == "harmful" for p in prompts) or not any(p.kind == "benign" for p in prompts):
@@ -90,8 +92,6 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         from models.lora_io import read_lora
 
         lora = Path(cfg.lora).expanduser()
-        if not lora.exists():
-            raise InputError(f"lora: {lora} not found (a directory with pytorch_lora_weights.safetensors, or the file)")
         file, _ = read_lora(lora, "lora")
         try:
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)

@@ -12,12 +12,15 @@ import logging
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+import models.config_schema  # noqa: F401 - registers the config schema before Hydra composes
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -84,9 +87,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from data.errors import InputError
 
+    from models.config_checks import check_train_config
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise InputError(f"config key {missing[0]} must be set (e.g. {missing[0]}=...); unset: {', '.join(missing)}")
+    started = time.perf_counter()
+    check_train_config(cfg)  # before anything loads: ranges, paths, output directories, the checkpoint to resume
+    log.info("config checked in %.2f s", time.perf_counter() - started)
     L.seed_everything(cfg.seed, workers=True)
     return get_method(cfg.task.runner)(cfg)
 
@@ -97,15 +105,19 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import get_method, instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
-    module, datamodule = get_method(cfg.task.builder)(cfg)
+    from models.config_checks import checkpoint_file
+
+    # callbacks and loggers first: a bad setting of theirs is found before the model loads
     loggers = build_loggers(cfg.get("logger"))
     callbacks = build_callbacks(cfg.get("callbacks"))
     if not loggers:  # logger=none: nothing to write learning rates to (Lightning would refuse the monitor)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar it was told to hide
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    module, datamodule = get_method(cfg.task.builder)(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=cfg.output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoint = checkpoint_file(cfg)  # ckpt_path=last_if_present without a checkpoint: a new run
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("finished at step %d; outputs in %s", trainer.global_step, cfg.output_dir)
     return metrics
@@ -149,7 +161,7 @@ def unknown_config_key(argv: list[str], config_name: str) -> str | None:
 
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, HydraException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     if any(arg in ("-m", "--multirun") for arg in argv):
         return None
@@ -163,6 +175,9 @@ def unknown_config_key(argv: list[str], config_name: str) -> str | None:
     except HydraException:
         return None  # e.g. override syntax: Hydra's own message says what to write
     key = getattr(cause, "full_key", None)
+    if isinstance(cause, ValidationError) and key:  # a value of the wrong type for the schema
+        found = str(cause).strip().splitlines()[0]
+        return f"config key {key}: {found} (models/config_schema.py has the type of every key)"
     if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key:
         return None  # not a key typo: Hydra reports it when it composes
     parent, _, leaf = key.rpartition(".")

@@ -6,6 +6,7 @@ objective plug in by ``_target_`` without a change to the training loop.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -73,6 +74,15 @@ class Objective:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
+
+
+def coefficient(name: str, value: Any, positive: bool = False) -> float:
+    """``objective.<name>`` as a finite float, ``> 0`` when ``positive`` else ``>= 0``; one-line ValueError otherwise
+    (NaN passes a plain ``value <= 0`` test)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"objective.{name}: expected a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
 
 
 def _standard_metrics(errors: PairErrors) -> dict[str, Tensor]:

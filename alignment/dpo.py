@@ -5,7 +5,7 @@ from typing import Any, Literal, Mapping
 
 import torch.nn.functional as F
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
+from alignment.base import Objective, coefficient, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
 
@@ -21,13 +21,9 @@ class DPO(Objective):
     def __init__(self, beta: float = 5000.0, loss_type: LossType = "sigmoid", sft_weight: float = 0.0) -> None:
         if loss_type not in ("sigmoid", "hinge", "ipo"):
             raise ValueError(f"objective.loss_type: expected one of sigmoid, hinge, ipo, got {loss_type!r}")
-        if beta <= 0:
-            raise ValueError(f"objective.beta: expected a positive number, got {beta}")
-        if sft_weight < 0:
-            raise ValueError(f"objective.sft_weight: expected a number >= 0, got {sft_weight}")
-        self.beta = float(beta)
+        self.beta = coefficient("beta", beta, positive=True)
         self.loss_type = loss_type
-        self.sft_weight = float(sft_weight)
+        self.sft_weight = coefficient("sft_weight", sft_weight)
 
     def loss(self, errors: PairErrors, meta: Mapping[str, Any]) -> ObjectiveOutput:
         h = errors.margin(self.beta)

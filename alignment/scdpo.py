@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, coefficient, preference_metrics
 
 
 def focusing_weights(shifted_margin: Tensor, gamma: float, normalize: bool = True) -> Tensor:
@@ -39,14 +39,9 @@ class SCDPO(Objective):
 
     def __init__(self, beta: float = 5000.0, lambda_c: float = 1.0, m_max: float = 10.0, gamma: float = 2.0,
                  dfm_normalize: bool = True, sft_weight: float = 0.0) -> None:
-        for name, value in (("beta", beta), ("m_max", m_max)):
-            if value <= 0:
-                raise ValueError(f"objective.{name}: expected a positive number, got {value}")
-        for name, value in (("lambda_c", lambda_c), ("gamma", gamma), ("sft_weight", sft_weight)):
-            if value < 0:
-                raise ValueError(f"objective.{name}: expected a number >= 0, got {value}")
-        self.beta, self.lambda_c, self.m_max, self.gamma = float(beta), float(lambda_c), float(m_max), float(gamma)
-        self.dfm_normalize, self.sft_weight = bool(dfm_normalize), float(sft_weight)
+        self.beta, self.m_max = coefficient("beta", beta, positive=True), coefficient("m_max", m_max, positive=True)
+        self.lambda_c, self.gamma = coefficient("lambda_c", lambda_c), coefficient("gamma", gamma)
+        self.dfm_normalize, self.sft_weight = bool(dfm_normalize), coefficient("sft_weight", sft_weight)
 
     def safety_margin(self, meta: Mapping[str, Any], like: Tensor) -> Tensor:
         if self.lambda_c == 0:

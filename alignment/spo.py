@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, coefficient
 from alignment.scdpo import shifted_margin_loss
 
 
@@ -21,12 +21,8 @@ class SPO(Objective):
 
     def __init__(self, beta: float = 5000.0, eta: float = 1.0, gamma: float = 0.0, alpha: float = 0.0,
                  dfm_normalize: bool = True) -> None:
-        if beta <= 0:
-            raise ValueError(f"objective.beta: expected a positive number, got {beta}")
-        for name, value in (("eta", eta), ("gamma", gamma), ("alpha", alpha)):
-            if value < 0:
-                raise ValueError(f"objective.{name}: expected a number >= 0, got {value}")
-        self.beta, self.eta, self.gamma, self.alpha = float(beta), float(eta), float(gamma), float(alpha)
+        self.beta, self.eta = coefficient("beta", beta, positive=True), coefficient("eta", eta)
+        self.gamma, self.alpha = coefficient("gamma", gamma), coefficient("alpha", alpha)
         self.dfm_normalize = bool(dfm_normalize)
 
     def reward_margin(self, meta: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.categories import normalize_category
 from data.errors import InputError
 from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
-from data.pairs import PreferencePair
+from data.pairs import ImageLimits, PreferencePair
 from data.readers.base import PairReader
 from data.sampling import ResumableSampler, distributed_rank
 from models.dtypes import torch_dtype
@@ -123,6 +123,10 @@ class PreferenceDataModule(L.LightningDataModule):
         condition_on: str = "unsafe",
         on_bad_sample: str = "error",
         local_files_only: bool = False,
+        allow_outside_paths: bool = False,
+        max_image_pixels: int | None = 89_478_485,
+        max_aspect_ratio: float | None = 8.0,
+        min_image_side: int | None = 8,
     ) -> None:
         super().__init__()
         torch_dtype(cache_dtype, "data.cache_dtype")
@@ -145,6 +149,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if on_bad_sample not in ("error", "skip"):
             raise InputError(f"data.on_bad_sample: expected error or skip, got {on_bad_sample!r}")
         self.on_bad_sample = on_bad_sample
+        # allow_outside_paths reaches the readers through their configs (${data.allow_outside_paths})
+        self.allow_outside_paths = bool(allow_outside_paths)
+        self.image_limits = ImageLimits(max_image_pixels, max_aspect_ratio, min_image_side)
         self._pairs: list[PreferencePair] | None = None
         self._origins: list[int] = []
         self.train_set: CachedPairDataset | None = None
@@ -205,7 +212,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.encoder is None or self.resolution is None:
             raise RuntimeError("PreferenceDataModule needs an encoder and a resolution before caching")
         key = cache_key(self.encoder.fingerprint(), self.pairs, self.resolution, self.center_crop,
-                        self.random_flip, self.cache_dtype)
+                        self.random_flip, self.cache_dtype, self.image_limits)
         return self.cache_dir / key / CACHE_FILE
 
     def prepare_data(self) -> None:
@@ -222,7 +229,7 @@ class PreferenceDataModule(L.LightningDataModule):
         try:
             build_cache(path.parent, self.pairs, self.encoder, self.resolution, self.center_crop,
                         self.random_flip, torch_dtype(self.cache_dtype, "data.cache_dtype"), self.encode_batch_size,
-                        skip_bad=self.on_bad_sample == "skip")
+                        skip_bad=self.on_bad_sample == "skip", limits=self.image_limits)
         finally:
             self.encoder.to(original)
 

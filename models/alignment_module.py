@@ -78,6 +78,7 @@ class AlignmentModule(L.LightningModule):
         batch_reference: bool = False,
         attention_backend: str | None = None,
         scale_lr: bool = False,
+        base_model: str | None = None,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -87,6 +88,7 @@ class AlignmentModule(L.LightningModule):
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-5})
         # as the diffusers scripts' --scale_lr: the learning rate given is per pair of the effective batch
         self.scale_lr = bool(scale_lr)
+        self.base_model = base_model  # recorded in checkpoints: a resume on another base model is refused
         self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant", "warmup_steps": 0})
         num_train = noise_scheduler.config.num_train_timesteps
         self.t_min, self.t_max = int(t_min), int(num_train - 1 if t_max is None else t_max)
@@ -112,13 +114,18 @@ class AlignmentModule(L.LightningModule):
             base_dtype = torch_dtype(frozen_dtype, "model.frozen_dtype")
             if base_dtype != unet.dtype:
                 unet.to(base_dtype)
-            unet.add_adapter(LoraConfig(
-                r=int(lora["rank"]),
-                lora_alpha=float(lora.get("alpha", lora["rank"])),
-                target_modules=list(lora.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"])),
-                lora_dropout=float(lora.get("dropout", 0.0)),
-                init_lora_weights="gaussian",
-            ), adapter_name=adapter_name)
+            targets = list(lora.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"]))
+            try:
+                unet.add_adapter(LoraConfig(
+                    r=int(lora["rank"]),
+                    lora_alpha=float(lora.get("alpha", lora["rank"])),
+                    target_modules=targets,
+                    lora_dropout=float(lora.get("dropout", 0.0)),
+                    init_lora_weights="gaussian",
+                ), adapter_name=adapter_name)
+            except ValueError as error:  # peft: no module of the UNet matches a target
+                first = (str(error).strip().splitlines() or ["no match"])[0]
+                raise InputError(f"model.lora.target_modules={targets}: not modules of this UNet ({first})") from None
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # adapters train in float32 whatever the base dtype
@@ -327,6 +334,7 @@ class AlignmentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, _ in self.trainable_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["alignment"] = {"base_model": self.base_model}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted({n for n, _ in self.trainable_parameters()} - set(checkpoint["state_dict"]))

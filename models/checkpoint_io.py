@@ -38,9 +38,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Tensors and plain containers only (``weights_only=True``); a damaged file is one line naming it."""
-        if not Path(path).is_file() and "://" not in str(path):
-            raise InputError(f"ckpt_path: checkpoint {path} not found")
-        try:
+        if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, EOFError, OSError) as error:
-            raise InputError(f"ckpt_path: cannot read checkpoint {path} ({str(error).splitlines()[0]})") from None
+        return read_checkpoint(Path(path), "ckpt_path", map_location)
+
+
+def read_checkpoint(path: Path, key: str, map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: a missing, truncated or foreign file, or one holding objects
+    that unpickling would have to construct (which could run code), is one line naming ``key`` and the file."""
+    import pickle
+
+    if not Path(path).is_file():
+        raise InputError(f"{key}: checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        text = str(error)
+        if "GLOBAL" in text or "global" in text.split("WeightsUnpickler error", 1)[-1]:
+            raise InputError(f"{key}={path}: holds objects other than tensors and plain containers; not loaded "
+                             "(unpickling them could run code)") from None
+        raise InputError(f"{key}={path}: not a checkpoint (unreadable, truncated or another format)") from None

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.errors import InputError
@@ -39,9 +40,15 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     check_batch_reference(m.get("batch_reference", False), m.lora, m.gradient_checkpointing)
     check_frozen_dtype(m.frozen_dtype, m.lora, cfg.trainer.get("precision", "32-true"))
     check_optimizer(m.get("optimizer"))
+    # Every row is read and checked before the model loads; reading never moves the global random state
+    # (the LoRA initialization below draws from it).
+    datamodule = instantiate(cfg.data)
+    with torch.random.fork_rng(devices=[]):
+        datamodule.pairs  # noqa: B018 - reads, screens and (with data.cost_model) scores the pairs
     components = load_model(m)
-    resolution = int(m.resolution or components.resolution)
-    datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components), resolution=resolution)
+    datamodule.encoder = ConditionEncoder(components)
+    # data.resolution (default: model.resolution) or the model's native size
+    datamodule.resolution = int(cfg.data.get("resolution") or m.resolution or components.resolution)
     module = AlignmentModule(
         components.unet, components.noise_scheduler, objective,
         lora=OmegaConf.to_container(m.lora) if m.lora is not None else None,
@@ -50,7 +57,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         t_min=m.t_min, t_max=m.t_max, gradient_checkpointing=m.gradient_checkpointing, frozen_dtype=m.frozen_dtype,
         seed=cfg.seed, channels_last=m.get("channels_last", False), compile=m.get("compile", False),
         benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
-        attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False),
+        attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False), base_model=str(m.pretrained),
     )
     return module, datamodule
 

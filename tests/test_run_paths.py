@@ -108,8 +108,7 @@ def test_bf16_frozen_base_under_bf16_mixed_trains_reports_and_validates(tmp_path
 
 
 def test_half_precision_frozen_base_without_autocast_is_refused_before_loading(tmp_path):
-    run = train(tmp_path / "run", "model.frozen_dtype=bfloat16", "trainer.precision=32-true",
-                "model.pretrained=/nonexistent/never/loaded", "logger=none")
+    run = train(tmp_path / "run", "model.frozen_dtype=bfloat16", "trainer.precision=32-true", "logger=none")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (
         "error: model.frozen_dtype=bfloat16: needs trainer.precision=bf16-mixed (or 16-mixed), which runs the "
@@ -176,8 +175,7 @@ def test_ddp_waits_longer_than_lightnings_30_minutes_at_barriers():
 
 
 def test_bad_optimizer_is_refused_before_the_model_loads(tmp_path):
-    run = train(tmp_path / "run", "model.optimizer._target_=torch.optim.AdamQ", "model.pretrained=/nonexistent/model",
-                "logger=none")
+    run = train(tmp_path / "run", "model.optimizer._target_=torch.optim.AdamQ", "logger=none")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == "error: model.optimizer._target_: torch.optim has no 'AdamQ'"
 
