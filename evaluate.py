@@ -168,5 +168,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    train.quiet_library_notices()
     train.check_group_choices(sys.argv[1:], "eval")
     main()

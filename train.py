@@ -29,6 +29,21 @@ CONFIG_DIR = ROOT / "configs"
 OmegaConf.register_new_resolver("repo", lambda relative: str(ROOT / relative), replace=True)
 
 
+class _OptionalBackendNotice(logging.Filter):
+    """Drops transformers' notice that torchvision is absent (image processors fall back to PIL): printed on
+    every start, it is not about anything the user asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    from transformers.utils import logging as transformers_logging
+
+    for handler in transformers_logging._get_library_root_logger().handlers:
+        handler.addFilter(_OptionalBackendNotice())
+
+
 def unknown_group_choice(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """Check ``group=option`` overrides against the YAML files in ``configs/<group>/``.
 
@@ -95,7 +110,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     check_train_config(cfg)  # before anything loads: ranges, paths, output directories, the checkpoint to resume
     log.info("config checked in %.2f s", time.perf_counter() - started)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning's own line would go to stderr
+    log.info("seed %d", cfg.seed)
     return get_method(cfg.task.runner)(cfg)
 
 
@@ -206,5 +222,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    quiet_library_notices()
     check_group_choices(sys.argv[1:])
     main()

@@ -229,6 +229,49 @@ def check_objective(cfg: DictConfig) -> None:
         raise
 
 
+def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> Path | None:
+    """``name`` (e.g. ``unet/config.json``) of a local pipeline directory or of a hub id already in the local
+    cache, without downloading; ``None`` when neither has it."""
+    local = Path(pretrained).expanduser() / name
+    if local.is_file():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(pretrained, name, revision=revision)
+    except Exception:  # noqa: BLE001 - not a valid repo id: the loader will say so
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def check_against_model(cfg: DictConfig) -> None:
+    """What the model's config files decide, read before any weight loads: the timestep range against the
+    scheduler, and that every LoRA target names modules of the UNet (built on the meta device, no weights)."""
+    import json
+
+    m = cfg.model
+    scheduler = pretrained_file(str(m.pretrained), "scheduler/scheduler_config.json", m.revision)
+    if scheduler is not None:
+        steps = int(json.loads(scheduler.read_text()).get("num_train_timesteps", 1000))
+        t_max = steps - 1 if m.t_max is None else m.t_max
+        if not 0 <= m.t_min <= t_max < steps:
+            raise InputError(f"model.t_min/t_max: expected 0 <= t_min <= t_max < {steps} (the scheduler's "
+                             f"num_train_timesteps), got {m.t_min}, {m.t_max}")
+    unet_config = pretrained_file(str(m.pretrained), "unet/config.json", m.revision)
+    if m.lora is None or unet_config is None:
+        return
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
+    names = [name for name, _ in unet.named_modules()]
+    unknown = [str(t) for t in m.lora.target_modules if not any(n == t or n.endswith("." + str(t)) for n in names)]
+    if unknown:
+        raise InputError(f"model.lora.target_modules: {unknown} name no module of the UNet of {m.pretrained} "
+                         f"(e.g. to_q, to_k, to_v, to_out.0, attn2.to_k, proj_in, conv1)")
+
+
 # --------------------------------------------------------------------------------------------- checkpoint
 def checkpoint_file(cfg: DictConfig) -> Path | None:
     """The checkpoint ``ckpt_path`` names: ``last`` must exist in the run directory, ``last_if_present``
@@ -312,6 +355,7 @@ def check_train_config(cfg: DictConfig) -> None:
     number(cfg, "seed", 0, integer=True)
     if "model" in cfg:
         check_model(cfg)
+        check_against_model(cfg)
     if "data" in cfg:
         check_data(cfg)
     if "trainer" in cfg:
@@ -346,5 +390,8 @@ def check_eval_config(cfg: DictConfig) -> None:
     if device.split(":")[0] not in ENCODE_DEVICES:
         raise InputError(f"device: expected auto, cpu, cuda, cuda:<n> or mps, got {device!r}")
     if cfg.lora is not None:
+        from models.lora_io import read_lora
+
         existing_path("lora", cfg.lora)
+        read_lora(Path(str(cfg.lora)).expanduser(), "lora")
     number(cfg, "scoring.detectors.0.threshold", 0, 1)

@@ -45,6 +45,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     datamodule = instantiate(cfg.data)
     with torch.random.fork_rng(devices=[]):
         datamodule.pairs  # noqa: B018 - reads, screens and (with data.cost_model) scores the pairs
+        datamodule.selected_indices()  # data.categories against the categories the data has
     components = load_model(m)
     datamodule.encoder = ConditionEncoder(components)
     # data.resolution (default: model.resolution) or the model's native size
