@@ -154,6 +154,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.image_limits = ImageLimits(max_image_pixels, max_aspect_ratio, min_image_side)
         self._pairs: list[PreferencePair] | None = None
         self._origins: list[int] = []
+        self._costs_attached = False
         self.train_set: CachedPairDataset | None = None
         self.val_set: CachedPairDataset | None = None
 
@@ -168,11 +169,16 @@ class PreferenceDataModule(L.LightningDataModule):
             self._pairs = condition_pairs(screened, self.condition_on)
             # the source pair of each conditioned pair (condition_on=both trains every pair twice)
             self._origins = [i % len(screened) for i in range(len(self._pairs))]
-            if self.cost_model:
-                from data.costs import attach_costs
-
-                attach_costs(self._pairs, self.cost_model, self.cache_dir, local_files_only=self.local_files_only)
         return self._pairs
+
+    def attach_costs(self) -> None:
+        """With ``cost_model``: ``cost_w``/``cost_l`` on every pair, scored once and cached beside the latents.
+        Run by ``prepare_data`` (one process per node) before ``setup`` reads the cache on every rank."""
+        if self.cost_model and not self._costs_attached:
+            from data.costs import attach_costs
+
+            attach_costs(self.pairs, self.cost_model, self.cache_dir, local_files_only=self.local_files_only)
+            self._costs_attached = True
 
     def _screen(self, pairs: list[PreferencePair]) -> list[PreferencePair]:
         """Pairs without a caption are an error, or with ``on_bad_sample=skip`` dropped and counted."""
@@ -216,7 +222,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.cache_dir / key / CACHE_FILE
 
     def prepare_data(self) -> None:
-        """Build the cache if it is missing (Lightning runs this on one process per node)."""
+        """Score the costs and build the cache if missing (Lightning runs this on one process per node)."""
+        self.attach_costs()
         path = self.cache_path()
         if path.is_file():
             log.info("latent cache hit: %s", path.parent)
@@ -236,6 +243,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        self.attach_costs()
         path = self.cache_path()
         if not path.is_file():
             self.prepare_data()

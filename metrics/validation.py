@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from data.errors import InputError
 from data.prompts import EvalPrompt
 from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs, shard
 from metrics.reporting import atomic_write, image_grid
@@ -87,8 +88,9 @@ class AlignmentValidation(L.Callback):
         module.eval()
         with torch.no_grad(), module.base() as unet:
             if unet is None:
-                raise RuntimeError("validation: the base model is gone (full fine-tuning without a reference "
-                                   "copy, after its first step) and its means are not in the checkpoint")
+                raise InputError("callbacks.alignment_validation: the base model is gone (full fine-tuning without a "
+                                 "reference copy, resumed from a checkpoint written without this callback) and its "
+                                 "means are not in the checkpoint; add the callback from the first step")
             base_records, _ = generate_records(self._pipeline(trainer, module, unet), self._jobs(True, trainer),
                                                self.settings, self.scorer, progress=False)
         module.train(was_training)

@@ -22,6 +22,7 @@ from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags,
 from data.errors import InputError
 from models.attention_backend import attention_backend, check_attention_backend
 from models.dtypes import torch_dtype
+from models.hub import unet_config_digest
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 from models.optimizers import build_optimizer
 
@@ -334,7 +335,8 @@ class AlignmentModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, _ in self.trainable_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["alignment"] = {"base_model": self.base_model}
+        checkpoint["alignment"] = {"base_model": self.base_model,
+                                   "unet_config": unet_config_digest(self.base_model) if self.base_model else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted({n for n, _ in self.trainable_parameters()} - set(checkpoint["state_dict"]))

@@ -43,7 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(Path(path), "ckpt_path", map_location)
 
 
-def read_checkpoint(path: Path, key: str, map_location: Any = "cpu") -> Any:
+def read_checkpoint(path: Path, key: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True``: a missing, truncated or foreign file, or one holding objects
     that unpickling would have to construct (which could run code), is one line naming ``key`` and the file."""
     import pickle
@@ -51,7 +51,7 @@ def read_checkpoint(path: Path, key: str, map_location: Any = "cpu") -> Any:
     if not Path(path).is_file():
         raise InputError(f"{key}: checkpoint {path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
         text = str(error)
         if "GLOBAL" in text or "global" in text.split("WeightsUnpickler error", 1)[-1]:

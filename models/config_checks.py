@@ -6,6 +6,7 @@ Types are checked earlier, when Hydra composes the config (:mod:`models.config_s
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -16,11 +17,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.errors import InputError
 from models.dtypes import DTYPES
+from models.hub import pretrained_file, unet_config_digest
+
+log = logging.getLogger(__name__)
 
 ABSENT = object()
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 ENCODE_DEVICES = ("auto", "cpu", "cuda", "mps")
+ALIGNMENT_BUILDER = "models.tasks.build_alignment"
 LAST = "last"
 LAST_IF_PRESENT = "last_if_present"
 
@@ -134,6 +139,8 @@ def check_model(cfg: DictConfig, training: bool = True) -> None:
     number(cfg, "model.t_min", 0, integer=True)
     number(cfg, "model.t_max", m.t_min, integer=True, optional=True)
     number(cfg, "model.optimizer.lr", 0, low_open=True, optional=True)
+    if m.get("scale_lr") and value_of(cfg, "model.optimizer.lr") in (None, ABSENT):
+        raise InputError("model.scale_lr: needs model.optimizer.lr (the learning rate per pair it multiplies)")
     number(cfg, "model.optimizer.weight_decay", 0, optional=True)
     check_optimizer(m.get("optimizer"))
     from diffusers.optimization import SchedulerType
@@ -196,6 +203,10 @@ def check_trainer(cfg: DictConfig) -> None:
     choice(cfg, "trainer.precision", typing.get_args(_PRECISION_INPUT_STR) + ("32", "16", "bf16", "64"))
     choice(cfg, "trainer.accelerator", ACCELERATORS)
     devices = value_of(cfg, "trainer.devices")
+    if isinstance(devices, str) and devices != "auto":  # Lightning also takes "2", "-1" and "0,1"
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        devices = ListConfig(parts) if len(parts) > 1 and all(p.isdigit() for p in parts) else \
+            (int(parts[0]) if len(parts) == 1 and parts[0].lstrip("-").isdigit() else devices)
     if isinstance(devices, bool) or not (devices == "auto" or isinstance(devices, ListConfig)
                                          or (isinstance(devices, int) and (devices >= 1 or devices == -1))):
         raise InputError(f"trainer.devices: expected a count >= 1, -1 (all), auto or a list of device indices, got {devices!r}")
@@ -227,21 +238,6 @@ def check_objective(cfg: DictConfig) -> None:
         if isinstance(cause, (ValueError, TypeError)):
             raise InputError(first if first.startswith("objective") else f"objective: {first}") from None
         raise
-
-
-def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> Path | None:
-    """``name`` (e.g. ``unet/config.json``) of a local pipeline directory or of a hub id already in the local
-    cache, without downloading; ``None`` when neither has it."""
-    local = Path(pretrained).expanduser() / name
-    if local.is_file():
-        return local
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(pretrained, name, revision=revision)
-    except Exception:  # noqa: BLE001 - not a valid repo id: the loader will say so
-        return None
-    return Path(found) if isinstance(found, str) else None
 
 
 def check_against_model(cfg: DictConfig) -> None:
@@ -283,30 +279,36 @@ def checkpoint_file(cfg: DictConfig) -> Path | None:
         directory = value_of(cfg, "callbacks.model_checkpoint.dirpath")
         directory = Path(str(directory)) if directory not in (ABSENT, None) else Path(str(cfg.output_dir)) / "checkpoints"
         last = directory / "last.ckpt"
-        if last.is_file():
+        if last.is_file() or is_sharded_checkpoint(last):
             return last
         if ckpt == LAST_IF_PRESENT:
             return None
         raise InputError(f"ckpt_path=last: no {last} (a new or mistyped hydra.run.dir?); give the run's directory "
                          f"as hydra.run.dir, or ckpt_path=last_if_present to start from scratch when there is none")
     path = existing_path("ckpt_path", ckpt)
-    if not path.is_file():
+    if not path.is_file() and not is_sharded_checkpoint(path):
         raise InputError(f"ckpt_path={ckpt}: is a directory, expected a checkpoint file (e.g. checkpoints/last.ckpt)")
     return path
 
 
-def check_checkpoint(cfg: DictConfig, path: Path) -> None:
-    """A checkpoint written by train.py for this model: a Lightning checkpoint of the same LoRA rank, targets
-    and adapter (or of full fine-tuning), on the same base model; read without unpickling code."""
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint FSDP wrote as a directory of shards (``trainer=fsdp``: Lightning's ``meta.pt`` inside)."""
+    return path.is_dir() and (path / "meta.pt").is_file()
+
+
+def check_checkpoint(cfg: DictConfig, path: Path, alignment: bool = True) -> None:
+    """A checkpoint written by train.py: a Lightning checkpoint; for the alignment task also of the same LoRA
+    rank, targets and adapter (or of full fine-tuning), on the same base model. Read memory-mapped (a full
+    fine-tuning checkpoint with its optimizer state is large) and without unpickling code."""
     from models.checkpoint_io import read_checkpoint
 
-    checkpoint = read_checkpoint(path, "ckpt_path")
+    checkpoint = read_checkpoint(path, "ckpt_path", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise InputError(f"ckpt_path={path}: not a Lightning checkpoint written by train.py (no state_dict/global_step)")
     state = checkpoint["state_dict"]
     lora_keys = [k for k in state if ".lora_A." in k]
     m = cfg.get("model")
-    if m is None or "lora" not in m:
+    if not alignment or m is None or "lora" not in m:
         return
     if m.lora is None and lora_keys:
         raise InputError(f"ckpt_path={path}: a LoRA checkpoint, but model.lora=null (full fine-tuning)")
@@ -329,22 +331,16 @@ def check_checkpoint(cfg: DictConfig, path: Path) -> None:
             what = f"e.g. {stray[0]}" if stray else f"none for {sorted(set(targets) - matched)}"
             raise InputError(f"ckpt_path={path}: its LoRA adapts other modules than model.lora.target_modules="
                              f"{targets} ({what})")
-    saved = (checkpoint.get("alignment") or {}).get("base_model")
-    if saved is not None and not same_model(str(saved), str(m.pretrained)):
-        raise InputError(f"ckpt_path={path}: trained on base model {saved}, model.pretrained={m.pretrained}")
-
-
-def same_model(a: str, b: str) -> bool:
-    """The same hub id, the same directory, or two directories with the same UNet config (a moved copy)."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    if pa.is_dir() and pb.is_dir():
-        if pa.resolve() == pb.resolve():
-            return True
-        ca, cb = pa / "unet" / "config.json", pb / "unet" / "config.json"
-        return ca.is_file() and cb.is_file() and ca.read_text() == cb.read_text()
-    return False
+    saved = checkpoint.get("alignment") or {}
+    if saved.get("base_model") is None or str(saved["base_model"]) == str(m.pretrained):
+        return
+    digest = unet_config_digest(str(m.pretrained), m.revision)
+    if saved.get("unet_config") is None or digest is None:
+        log.warning("ckpt_path: trained on %s, resumed on %s; their UNet configs cannot be compared",
+                    saved["base_model"], m.pretrained)
+    elif saved["unet_config"] != digest:  # another architecture; a moved copy or a snapshot of the hub id passes
+        raise InputError(f"ckpt_path={path}: trained on base model {saved['base_model']}, whose UNet config differs "
+                         f"from that of model.pretrained={m.pretrained}")
 
 
 # ------------------------------------------------------------------------------------------------ entries
@@ -363,9 +359,11 @@ def check_train_config(cfg: DictConfig) -> None:
     check_callbacks(cfg)
     if "objective" in cfg and cfg.get("objective") is not None:
         check_objective(cfg)
-    checkpoint = checkpoint_file(cfg)
-    if checkpoint is not None:
-        check_checkpoint(cfg, checkpoint)
+    task = cfg.get("task") or {}
+    if task.get("runner", "train.fit") == "train.fit":  # workflows (experts, compare) resolve it per stage
+        checkpoint = checkpoint_file(cfg)
+        if checkpoint is not None and checkpoint.is_file():  # a directory: FSDP's sharded checkpoint
+            check_checkpoint(cfg, checkpoint, alignment=task.get("builder") == ALIGNMENT_BUILDER)
 
 
 def check_eval_config(cfg: DictConfig) -> None:
@@ -380,8 +378,11 @@ def check_eval_config(cfg: DictConfig) -> None:
     number(cfg, "sampler.num_inference_steps", 1, integer=True)
     number(cfg, "sampler.guidance_scale", 0)
     number(cfg, "sampler.batch_size", 1, integer=True)
-    number(cfg, "sampler.height", 8, integer=True, optional=True)
-    number(cfg, "sampler.width", 8, integer=True, optional=True)
+    for side in ("height", "width"):
+        number(cfg, f"sampler.{side}", 8, integer=True, optional=True)
+        size = value_of(cfg, f"sampler.{side}")
+        if isinstance(size, int) and size % 8:
+            raise InputError(f"sampler.{side}: expected a multiple of 8 (the VAE's downsampling), got {size}")
     choice(cfg, "sampler.dtype", DTYPES)
     from models.sampling import SCHEDULERS
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from data.errors import InputError
 
 # what transformers, diffusers and huggingface_hub say when the files are neither cached nor reachable
-_NOT_CACHED = ("couldn't connect", "cached files", "offline", "does not appear to have a file",
-               "local_files_only", "localentrynotfound", "cannot find the requested files")
+# ("does not appear to have a file" is also what a reachable hub says of a missing file: judged by hub_offline())
+_NOT_CACHED = ("couldn't connect", "cached files", "offline", "local_files_only", "localentrynotfound",
+               "cannot find the requested files")
 
 
 def hub_offline() -> bool:
@@ -28,3 +29,30 @@ def load_error(key: str, name: str | Path, error: BaseException, local_files_onl
         return InputError(f"{key}={name}: not in the local Hugging Face cache ({why}); download it first with "
                           f"`hf download {name}`, or set {key} to a local directory")
     return InputError(f"{key}={name}: cannot load it ({first})")
+
+
+def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> Path | None:
+    """``name`` (e.g. ``unet/config.json``) of a local pipeline directory or of a hub id already in the local
+    cache, without downloading; ``None`` when neither has it."""
+    local = Path(pretrained).expanduser() / name
+    if local.is_file():
+        return local
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(pretrained, name, revision=revision)
+    except Exception:  # noqa: BLE001 - not a valid repo id: the loader will say so
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def unet_config_digest(pretrained: str, revision: str | None = None) -> str | None:
+    """A digest of the UNet's ``config.json`` (its architecture), from a local directory or the hub cache."""
+    import hashlib
+    import json
+
+    file = pretrained_file(pretrained, "unet/config.json", revision)
+    if file is None:
+        return None
+    config = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

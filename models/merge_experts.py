@@ -119,7 +119,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     run = None
     if "co_merge" in methods:
         datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
-                                 resolution=int(m.resolution or components.resolution))
+                                 resolution=int(cfg.data.get("resolution") or m.resolution or components.resolution))
         run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed)
     weights = OmegaConf.to_container(mc.weights) if mc.get("weights") is not None else None
     metrics: dict[str, float] = {}

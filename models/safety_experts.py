@@ -52,6 +52,8 @@ def stage(cfg: DictConfig, output_dir: Path, updates: dict[str, Any]) -> DictCon
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(sub):
         sub.output_dir = str(output_dir)
+        if sub.get("ckpt_path") == "last":  # each stage resumes from its own last checkpoint, if it has one
+            sub.ckpt_path = "last_if_present"
         for key, value in updates.items():
             OmegaConf.update(sub, key, value, force_add=True)
     return sub

@@ -78,8 +78,11 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sampl
     out = []
     for start, end in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
         latents = initial_latents(pipe, seeds[start:end], settings.height, settings.width)
-        with mixed_precision(pipe):
-            images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, pipe.unet.dtype),
+        autocast = mixed_precision(pipe)
+        # under autocast the latents (and the scheduler's arithmetic on them) stay float32
+        dtype = torch.float32 if isinstance(autocast, torch.autocast) else pipe.unet.dtype
+        with autocast:
+            images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, dtype),
                           num_inference_steps=settings.num_inference_steps, guidance_scale=guidance[start],
                           output_type="pt").images
         out.append(images.float().cpu())

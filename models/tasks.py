@@ -44,7 +44,7 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
     # (the LoRA initialization below draws from it).
     datamodule = instantiate(cfg.data)
     with torch.random.fork_rng(devices=[]):
-        datamodule.pairs  # noqa: B018 - reads, screens and (with data.cost_model) scores the pairs
+        datamodule.pairs  # noqa: B018 - reads and screens every row
         datamodule.selected_indices()  # data.categories against the categories the data has
     components = load_model(m)
     datamodule.encoder = ConditionEncoder(components)

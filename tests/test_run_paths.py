@@ -237,3 +237,91 @@ def test_full_unet_recipe_scales_the_learning_rate_by_the_effective_batch(tiny_c
     plain = AlignmentModule(tiny_components.unet, tiny_components.noise_scheduler, DPO(), optimizer={"lr": 1e-5})
     plain._trainer = module._trainer
     assert plain.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(1e-5)
+
+
+def test_data_resolution_is_honoured(tmp_path):
+    """data.resolution (default: model.resolution, else the model's native size) is the size images are cached at."""
+    from hydra import compose, initialize_config_dir
+
+    from models.tasks import build_alignment
+    from tests.test_workflow import ROOT
+
+    sizes = {}
+    for override in ([], ["data.resolution=16"], ["model.resolution=24"]):
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("train", overrides=[f"output_dir={tmp_path}", "data.reader.images_per_prompt=1", *override])
+        _, datamodule = build_alignment(cfg)
+        sizes[tuple(override)] = datamodule.resolution
+    assert sizes == {(): 32, ("data.resolution=16",): 16, ("model.resolution=24",): 24}
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_ckpt_path_last_if_present_resumes_only_when_there_is_a_checkpoint(tmp_path, present):
+    from hydra import compose, initialize_config_dir
+
+    from models.config_checks import checkpoint_file
+    from tests.test_workflow import ROOT
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    if present:
+        last.parent.mkdir()
+        torch.save({"state_dict": {}, "global_step": 1}, last)
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "ckpt_path=last_if_present"])
+    assert checkpoint_file(cfg) == (last if present else None)
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "ckpt_path=last"])
+    if present:
+        assert checkpoint_file(cfg) == last
+
+
+def compose_train(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_workflow import ROOT
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=[f"output_dir={tmp_path}", *overrides])
+
+
+def test_valid_resumes_and_settings_pass_the_checks(tmp_path):
+    """What the checks must not refuse: a cost model's checkpoint (no LoRA), FSDP's sharded checkpoint folder,
+    ckpt_path=last for the experts workflow (each stage resumes its own), device lists as strings."""
+    from models.config_checks import check_train_config
+
+    cost = tmp_path / "cost.ckpt"
+    torch.save({"state_dict": {"adapter.net.0.weight": torch.zeros(2, 2)}, "global_step": 5}, cost)
+    check_train_config(compose_train(tmp_path / "a", "task=cost_model", f"ckpt_path={cost}"))
+    sharded = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    sharded.mkdir(parents=True)
+    torch.save({"global_step": 5}, sharded / "meta.pt")
+    check_train_config(compose_train(tmp_path / "b", "ckpt_path=last"))
+    check_train_config(compose_train(tmp_path / "c", "objective=safetydpo", "ckpt_path=last"))
+    for devices in ("'0,1'", "'2'", "auto", "-1"):
+        check_train_config(compose_train(tmp_path / "d", f"trainer.devices={devices}"))
+
+
+def test_experts_stages_resume_each_from_its_own_last_checkpoint(tmp_path):
+    from models.safety_experts import stage
+
+    sub = stage(compose_train(tmp_path, "objective=safetydpo", "ckpt_path=last"), tmp_path / "experts" / "hate", {})
+    assert sub.ckpt_path == "last_if_present" and sub.output_dir == str(tmp_path / "experts" / "hate")
+
+
+def test_a_dataset_in_the_hub_cache_keeps_its_symlinked_images_inside(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from data.readers.base import outside
+
+    snapshot = tmp_path / "hub" / "datasets--someone--pairs" / "snapshots" / "abc"
+    blob = tmp_path / "hub" / "datasets--someone--pairs" / "blobs" / "f00d"
+    snapshot.mkdir(parents=True)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"png")
+    (snapshot / "img.png").symlink_to(blob)
+    (snapshot / "escape.png").symlink_to(tmp_path / "elsewhere.png")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert not outside(snapshot / "img.png", snapshot)
+    assert outside(snapshot / "escape.png", snapshot) and outside(snapshot / ".." / "abc2" / "x.png", snapshot)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "other"))
+    assert outside(snapshot / "img.png", snapshot)

@@ -262,7 +262,8 @@ def test_method_comparison_over_objectives_and_seeds_resumes(tmp_path):
     table = (out / "comparison.md").read_text()
     assert "| dpo | 2 |" in table and "| spo | 2 |" in table and "±" in table
     grid = Image.open(out / "grid.png")
-    assert grid.size == (3 * 96, (3 + 2) * 96)  # base, dpo, spo; one harmful prompt per category, two benign
+    # base, dpo, spo (titled), one harmful prompt per category and two benign (labelled with their prompts)
+    assert grid.size == (220 + 3 * 96, 18 + (3 + 2) * 96)
     # a second call finds every run evaluated and trains nothing
     again = run_train(out, *args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -52,13 +52,13 @@ def code_pickle(tmp: Path) -> Path:
 
 
 def checkpoint(rank: int = 4, target: str = "to_k", adapter: str = "default", lora: bool = True,
-               base: str | None = None) -> Callable[[Path], Path]:
+               base: str | None = None, unet_config: str | None = None) -> Callable[[Path], Path]:
     """A Lightning-shaped checkpoint of train.py (tensors only) with one LoRA layer of the given shape."""
     def write(tmp: Path) -> Path:
         name = f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.{target}"
         state = ({f"{name}.lora_A.{adapter}.weight": torch.zeros(rank, 32), f"{name}.lora_B.{adapter}.weight": torch.zeros(32, rank)}
                  if lora else {f"{name}.weight": torch.zeros(32, 32)})
-        content = {"state_dict": state, "global_step": 3, "alignment": {"base_model": base}}
+        content = {"state_dict": state, "global_step": 3, "alignment": {"base_model": base, "unet_config": unet_config}}
         torch.save(content, tmp / "run.ckpt")
         return tmp / "run.ckpt"
     return write
@@ -164,6 +164,8 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
     ("batch-reference-with-checkpointing", fixed("model.batch_reference=true", "model.gradient_checkpointing=true"),
      r"^model\.batch_reference: cannot be combined with model\.gradient_checkpointing"),
     ("batch-reference-full-ft", fixed("model.batch_reference=true", "model.lora=null"), r"^model\.batch_reference: needs model\.lora"),
+    ("scale-lr-without-lr", fixed("model.scale_lr=true", "model.optimizer.lr=null"),
+     r"^model\.scale_lr: needs model\.optimizer\.lr"),
     ("anchors-without-weight", fixed("data.anchor_others=true", "data.categories=[hate]"),
      r"^data\.anchor_others: needs model\.benign_anchor > 0"),
     ("unset-data-path", fixed("data=jsonl"), r"^config key data\.path must be set"),
@@ -196,8 +198,8 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
     ("resume-other-adapter", with_file(checkpoint(adapter="expert_hate"), "ckpt_path={}", *LORA), r"adapter expert_hate in the checkpoint, model\.adapter_name=default"),
     ("resume-full-ft-into-lora", with_file(checkpoint(lora=False), "ckpt_path={}", *LORA), r"a full fine-tuning checkpoint, but model\.lora is set"),
     ("resume-lora-into-full-ft", with_file(checkpoint(), "ckpt_path={}", "model.lora=null"), r"a LoRA checkpoint, but model\.lora=null"),
-    ("resume-other-base-model", with_file(checkpoint(base="stabilityai/sdxl"), "ckpt_path={}", *LORA),
-     r"trained on base model stabilityai/sdxl, model\.pretrained="),
+    ("resume-other-base-model", with_file(checkpoint(base="stabilityai/sdxl", unet_config="0" * 16), "ckpt_path={}", *LORA),
+     r"trained on base model stabilityai/sdxl, whose UNet config differs from that of model\.pretrained="),
     ("resume-symlink-loop", with_file(symlink_loop, "ckpt_path={}"), r"^ckpt_path=.*loop: a symlink loop"),
 ]]
 
@@ -210,6 +212,7 @@ EVAL: list[HostileCase] = [HostileCase(*c) for c in [
     ("eval-unknown-scheduler", fixed("sampler.scheduler=ddpmx"), r"^sampler\.scheduler: expected one of ddim, dpm, euler"),
     ("eval-unknown-dtype", fixed("sampler.dtype=bf16"), r"^sampler\.dtype: expected one of"),
     ("eval-sampling-steps-zero", fixed("sampler.num_inference_steps=0"), r"^sampler\.num_inference_steps: expected an integer >= 1"),
+    ("eval-height-not-multiple-of-8", fixed("sampler.height=100"), r"^sampler\.height: expected a multiple of 8"),
     ("eval-batch-zero", fixed("sampler.batch_size=0"), r"^sampler\.batch_size: expected an integer >= 1"),
     ("eval-unknown-device", fixed("device=tpu"), r"^device: expected auto, cpu, cuda"),
     ("eval-lora-missing", fixed("lora=/nonexistent/lora"), r"^lora=/nonexistent/lora: no such file or directory"),

@@ -170,9 +170,16 @@ def categories_of(value: Any, where: str, key: str = "categories") -> tuple[str,
 
 def outside(path: Path, root: Path) -> bool:
     """Whether ``path`` lies outside the folder ``root`` once symlinks (of either) are resolved; a symlink loop
-    is left to the file checks, which name it."""
+    is left to the file checks, which name it. A dataset downloaded with huggingface_hub keeps its files as
+    symlinks into the hub cache's ``blobs/``: a path inside ``root`` whose link leads there stays inside."""
     try:
-        return not path.resolve().is_relative_to(root.resolve())
+        resolved = path.resolve()
+        if resolved.is_relative_to(root.resolve()):
+            return False
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        inside_as_written = Path(os.path.normpath(path)).is_relative_to(os.path.normpath(root))
+        return not (inside_as_written and resolved.is_relative_to(Path(HF_HUB_CACHE).expanduser().resolve()))
     except (OSError, RuntimeError):
         return False
 
