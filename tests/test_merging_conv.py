@@ -5,22 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from peft import LoraConfig
+from test_adapter_merging import tiny_unet
 
 from alignment.merging import LoraFactors, co_merge_layer, kernel_activations
 from models.adapter_merging import co_merge_adapters, expert_factors, lora_layers, merge_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["conv1", "proj_in", "attn2.to_k"]  # resnet 3x3 convs, the transformers' 1x1 conv proj_in, a linear layer
-
-
-def tiny_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=8)
 
 
 def add_expert(unet, name: str, rank: int, seed: int, targets: list[str] = TARGETS) -> None:
