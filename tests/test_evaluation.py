@@ -102,6 +102,7 @@ def test_toy_prompts_carry_safe_rewrites():
     assert len(prompts) - len(harmful) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["gloo", "cuda:gloo"])
 def test_metrics_sync_when_the_default_group_has_no_cpu_backend(tmp_path, backend):
     """Under NCCL (here ``cuda:gloo``: the only backend is bound to CUDA) the CPU metric states still sync."""

@@ -107,6 +107,7 @@ def test_bf16_frozen_base_under_bf16_mixed_trains_reports_and_validates(tmp_path
     assert (out / "validation" / "step_000002" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # train.py in a subprocess
 def test_half_precision_frozen_base_without_autocast_is_refused_before_loading(tmp_path):
     run = train(tmp_path / "run", "model.frozen_dtype=bfloat16", "trainer.precision=32-true", "logger=none")
     assert run.returncode == 2
@@ -134,6 +135,7 @@ def test_logged_loss_is_the_optimized_loss_with_the_benign_anchor(tiny_component
     torch.testing.assert_close(out.metrics["objective_loss"] + 50.0 * out.metrics["benign_drift"], out.loss.detach())
 
 
+@pytest.mark.slow  # train.py in a subprocess
 def test_hub_id_missing_from_the_local_cache_is_one_line_with_the_download_command(tmp_path):
     run = train(tmp_path / "run", "model=sd15", "model.pretrained=nobody-here/no-such-model", "logger=none")
     assert run.returncode == 2
@@ -174,6 +176,7 @@ def test_ddp_waits_longer_than_lightnings_30_minutes_at_barriers():
         assert instantiate(compose("train", overrides=["trainer=ddp"]).trainer.strategy)._timeout >= timedelta(hours=24)
 
 
+@pytest.mark.slow  # train.py in a subprocess
 def test_bad_optimizer_is_refused_before_the_model_loads(tmp_path):
     run = train(tmp_path / "run", "model.optimizer._target_=torch.optim.AdamQ", "logger=none")
     assert run.returncode == 2

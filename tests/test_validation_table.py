@@ -300,6 +300,7 @@ def test_evaluate_config(case, tmp_path, tiny_pipeline_dir, capsys, no_vae):
     check("evaluate", case, base, tmp_path, tiny_pipeline_dir, capsys)
 
 
+@pytest.mark.slow  # loads the tiny pipeline for most cases; tests/test_hostile_data.py tests each reader check directly
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
 def test_train_data(case, tmp_path, tiny_pipeline_dir, capsys, monkeypatch, request):
     """Rows, columns, names and paths are refused while the data is read, before the model loads; an image is
