@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,6 +15,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.errors import InputError
+from data.readers.base import path_problem
 from models.dtypes import DTYPES
 from models.hub import pretrained_file, unet_config_digest
 
@@ -83,19 +83,12 @@ def writable_directory(key: str, directory: str | Path) -> None:
 
 
 def existing_path(key: str, value: str | Path) -> Path:
-    """A path that exists (a symlink loop, a broken link and a missing path each say so)."""
+    """A path that exists and can be read, in the readers' words when it cannot (``does not exist``, ``is a
+    symlink loop``, ``is a broken symlink``, ...: :func:`data.readers.base.path_problem`)."""
     path = Path(value).expanduser()
-    try:
-        path.stat()
-    except FileNotFoundError:
-        kind = "a broken symlink" if path.is_symlink() else "no such file or directory"
-        raise InputError(f"{key}={value}: {kind}") from None
-    except OSError as error:
-        if error.errno == 40:  # ELOOP
-            raise InputError(f"{key}={value}: a symlink loop") from None
-        raise InputError(f"{key}={value}: cannot be read ({error.strerror or error})") from None
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{key}={value}: not readable (permissions)")
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{key}={value}: {problem}")
     return path
 
 

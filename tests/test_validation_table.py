@@ -170,13 +170,13 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
      r"^data\.anchor_others: needs model\.benign_anchor > 0"),
     ("unset-data-path", fixed("data=jsonl"), r"^config key data\.path must be set"),
     # paths
-    ("model-missing-dir", fixed("model.pretrained=/nonexistent/models/sd15"), r"^model\.pretrained=/nonexistent/models/sd15: no such file or directory"),
+    ("model-missing-dir", fixed("model.pretrained=/nonexistent/models/sd15"), r"^model\.pretrained=/nonexistent/models/sd15: does not exist"),
     ("model-is-a-file", with_file(text_file("model.bin"), "model.pretrained={}"), r"^model\.pretrained=.*model\.bin: expected a diffusers pipeline directory"),
     ("model-without-unet", with_file(no_unet, "model.pretrained={}"), r"^model\.pretrained=.*pipe: expected a diffusers pipeline directory with unet/config\.json"),
     ("model-not-cached", fixed("model.pretrained=nobody-here/no-model"), r"^model\.pretrained=nobody-here/no-model: not in the local Hugging Face cache"),
-    ("model-symlink-loop", with_file(symlink_loop, "model.pretrained={}"), r"^model\.pretrained=.*loop: a symlink loop"),
-    ("jsonl-data-path-missing", fixed("data=jsonl", "data.path=/nonexistent/pairs.jsonl"), r"^data\.path=/nonexistent/pairs\.jsonl: no such file or directory"),
-    ("cost-model-missing", fixed("data.cost_model=/nonexistent/cost"), r"^data\.cost_model=/nonexistent/cost: no such file or directory"),
+    ("model-symlink-loop", with_file(symlink_loop, "model.pretrained={}"), r"^model\.pretrained=.*loop: is a symlink loop"),
+    ("jsonl-data-path-missing", fixed("data=jsonl", "data.path=/nonexistent/pairs.jsonl"), r"^data\.path=/nonexistent/pairs\.jsonl: does not exist"),
+    ("cost-model-missing", fixed("data.cost_model=/nonexistent/cost"), r"^data\.cost_model=/nonexistent/cost: does not exist"),
     ("cost-model-is-a-file", with_file(text_file("cost.json"), "data.cost_model={}"), r"^data\.cost_model=.*cost\.json: expected a cost model directory"),
     ("cache-dir-is-a-file", with_file(text_file("cache"), "data.cache_dir={}"), r"^data\.cache_dir=.*cache: is a file, expected a directory"),
     ("cache-dir-not-writable", fixed("data.cache_dir=/proc/version/cache"), r"^data\.cache_dir=/proc/version/cache: (is a file|not a writable directory)"),
@@ -184,7 +184,7 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
     ("output-dir-is-a-file", with_file(text_file("out"), "output_dir={}"), r"^output_dir=.*out: is a file, expected a directory"),
     # checkpoints to resume
     ("resume-last-in-a-new-run", fixed("ckpt_path=last"), r"^ckpt_path=last: no .*checkpoints/last\.ckpt \(a new or mistyped hydra\.run\.dir\?\)"),
-    ("resume-missing-file", fixed("ckpt_path=/nonexistent/last.ckpt"), r"^ckpt_path=/nonexistent/last\.ckpt: no such file or directory"),
+    ("resume-missing-file", fixed("ckpt_path=/nonexistent/last.ckpt"), r"^ckpt_path=/nonexistent/last\.ckpt: does not exist"),
     ("resume-directory", lambda tmp, pipeline: [f"ckpt_path={tmp}"], r"^ckpt_path=.*: is a directory, expected a checkpoint file"),
     ("resume-garbage", with_file(text_file("junk.ckpt", b"\x00garbage" * 64), "ckpt_path={}"), r"^ckpt_path=.*junk\.ckpt: not a checkpoint"),
     ("resume-truncated", with_file(truncated_checkpoint, "ckpt_path={}", *LORA), r"^ckpt_path=.*cut\.ckpt: not a checkpoint"),
@@ -200,7 +200,7 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
     ("resume-lora-into-full-ft", with_file(checkpoint(), "ckpt_path={}", "model.lora=null"), r"a LoRA checkpoint, but model\.lora=null"),
     ("resume-other-base-model", with_file(checkpoint(base="stabilityai/sdxl", unet_config="0" * 16), "ckpt_path={}", *LORA),
      r"trained on base model stabilityai/sdxl, whose UNet config differs from that of model\.pretrained="),
-    ("resume-symlink-loop", with_file(symlink_loop, "ckpt_path={}"), r"^ckpt_path=.*loop: a symlink loop"),
+    ("resume-symlink-loop", with_file(symlink_loop, "ckpt_path={}"), r"^ckpt_path=.*loop: is a symlink loop"),
 ]]
 
 EVAL: list[HostileCase] = [HostileCase(*c) for c in [
@@ -215,12 +215,12 @@ EVAL: list[HostileCase] = [HostileCase(*c) for c in [
     ("eval-height-not-multiple-of-8", fixed("sampler.height=100"), r"^sampler\.height: expected a multiple of 8"),
     ("eval-batch-zero", fixed("sampler.batch_size=0"), r"^sampler\.batch_size: expected an integer >= 1"),
     ("eval-unknown-device", fixed("device=tpu"), r"^device: expected auto, cpu, cuda"),
-    ("eval-lora-missing", fixed("lora=/nonexistent/lora"), r"^lora=/nonexistent/lora: no such file or directory"),
+    ("eval-lora-missing", fixed("lora=/nonexistent/lora"), r"^lora=/nonexistent/lora: does not exist"),
     ("eval-lora-garbage", with_file(text_file("pytorch_lora_weights.safetensors", b"\x00" * 40), "lora={}"), r"^lora: cannot read LoRA .*pytorch_lora_weights\.safetensors"),
     ("eval-cache-dir-is-a-file", with_file(text_file("evalcache"), "cache_dir={}"), r"^cache_dir=.*evalcache: is a file, expected a directory"),
     ("eval-nudenet-threshold", fixed("scoring=real", "scoring.detectors.0.threshold=1.5"), r"^scoring\.detectors\.0\.threshold: expected a number in \[0, 1\]"),
     ("eval-unknown-prompts", fixed("prompts=i2pp"), r"^unknown prompts 'i2pp'"),
-    ("eval-model-missing", fixed("model.pretrained=/nonexistent/sd"), r"^model\.pretrained=/nonexistent/sd: no such file or directory"),
+    ("eval-model-missing", fixed("model.pretrained=/nonexistent/sd"), r"^model\.pretrained=/nonexistent/sd: does not exist"),
 ]]
 
 
