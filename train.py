@@ -1,227 +1,32 @@
-"""Align a Stable Diffusion model with a preference objective.
+"""Align a text-to-image diffusion model with a preference objective, or run another task.
 
-    python train.py objective=dpo data=pickapic data.path=... model.pretrained=...
+    python train.py                                       # the toy model on the toy world (dpo)
+    python train.py objective=scdpo
+    python train.py objective=dpo data=pickapic data.path=... model=sd15
+    python train.py task=experts                          # SafetyDPO: experts, Co-Merge, evaluation
 
-Everything is chosen by Hydra config groups under configs/ (objective, model, data, trainer, logger,
-callbacks, experiment). The training loop never names an objective: ``objective=<name>`` loads
-``configs/objective/<name>.yaml``, whose ``_target_`` class receives per-sample errors.
+Everything is chosen by Hydra config groups under configs/ (task, objective, model, data, trainer, logger,
+callbacks, experiment). ``task=<name>`` runs ``configs/task/<name>.yaml``'s workflow from ``workflows/``.
 """
 from __future__ import annotations
 
-import logging
-import netrc
-import os
 import sys
-import time
-from pathlib import Path
-from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-import models.config_schema  # noqa: F401 - registers the config schema before Hydra composes
+from common.library_notices import quiet_library_notices
 
-log = logging.getLogger("train")
-ROOT = Path(__file__).resolve().parent
-CONFIG_DIR = ROOT / "configs"
-# ${repo:assets/toy/sd} -> an absolute path inside this checkout, whatever the working directory.
-OmegaConf.register_new_resolver("repo", lambda relative: str(ROOT / relative), replace=True)
+quiet_library_notices()  # first: the model code's imports print notices it hides
 
-
-class _OptionalBackendNotice(logging.Filter):
-    """Drops transformers' notice that torchvision is absent (image processors fall back to PIL): printed on
-    every start, it is not about anything the user asked for."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-def quiet_library_notices() -> None:
-    from transformers.utils import logging as transformers_logging
-
-    for handler in transformers_logging._get_library_root_logger().handlers:
-        handler.addFilter(_OptionalBackendNotice())
-
-
-def unknown_group_choice(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
-    """Check ``group=option`` overrides against the YAML files in ``configs/<group>/``.
-
-    Hydra reports an unknown option with its search path and more; this gives one line. Skipped when
-    the user adds config directories (``hydra.searchpath``), where options may live elsewhere.
-    """
-    if any("hydra.searchpath" in arg for arg in argv):
-        return None
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if not sep or arg.startswith("-") or "." in key or "/" in key or not (config_dir / key).is_dir():
-            continue
-        options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
-        for choice in value.split(","):  # multirun sweeps: objective=dpo,sft
-            if choice not in options and choice != "null":
-                return f"unknown {key} {choice!r}; available: {', '.join(options)}"
-    return None
-
-
-def wandb_logged_in() -> bool:
-    """True when wandb has credentials (env or ~/.netrc); checked without touching the network."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def build_loggers(cfg: DictConfig | None) -> list[Any] | bool:
-    from hydra.utils import instantiate
-
-    loggers = []
-    for name, spec in (cfg or {}).items():
-        spec = OmegaConf.to_container(spec, resolve=True)
-        if spec.get("offline") == "auto":
-            mode = os.environ.get("WANDB_MODE")
-            spec["offline"] = mode in ("offline", "dryrun") if mode else not wandb_logged_in()
-            if spec["offline"]:
-                log.info("wandb: offline mode (not logged in); sync later with `wandb sync`")
-        loggers.append(instantiate(spec))
-    return loggers or False
-
-
-def build_callbacks(cfg: DictConfig | None) -> list[Any]:
-    from hydra.utils import instantiate
-
-    return [instantiate(spec) for spec in (cfg or {}).values() if spec is not None]
-
-
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run the task ``cfg.task.runner`` (fit, merge, ...) and return its final metrics."""
-    import lightning as L
-    from hydra.utils import get_method
-
-    from data.errors import InputError
-
-    from models.config_checks import check_train_config
-
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise InputError(f"config key {missing[0]} must be set (e.g. {missing[0]}=...); unset: {', '.join(missing)}")
-    started = time.perf_counter()
-    check_train_config(cfg)  # before anything loads: ranges, paths, output directories, the checkpoint to resume
-    log.info("config checked in %.2f s", time.perf_counter() - started)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning's own line would go to stderr
-    log.info("seed %d", cfg.seed)
-    return get_method(cfg.task.runner)(cfg)
-
-
-def fit(cfg: DictConfig) -> dict[str, float]:
-    """The runner of the tasks that fit a LightningModule: ``cfg.task.builder`` makes it and its data."""
-    import lightning as L
-    from hydra.utils import get_method, instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-
-    from models.config_checks import checkpoint_file
-
-    # callbacks and loggers first: a bad setting of theirs is found before the model loads
-    loggers = build_loggers(cfg.get("logger"))
-    callbacks = build_callbacks(cfg.get("callbacks"))
-    if not loggers:  # logger=none: nothing to write learning rates to (Lightning would refuse the monitor)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar it was told to hide
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    module, datamodule = get_method(cfg.task.builder)(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=cfg.output_dir)
-    checkpoint = checkpoint_file(cfg)  # ckpt_path=last_if_present without a checkpoint: a new run
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    log.info("finished at step %d; outputs in %s", trainer.global_step, cfg.output_dir)
-    return metrics
-
-
-def explain(err: BaseException) -> str | None:
-    """A one-line message for errors caused by user input, or None for genuine bugs."""
-    from hydra.errors import InstantiationException
-
-    from data.errors import InputError
-
-    while isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    if isinstance(err, InputError):
-        return str(err)
-    if isinstance(err, OmegaConfBaseException):
-        key = getattr(err, "full_key", None)
-        first = str(err).strip().splitlines()[0]
-        return f"config key {key}: {first}" if key else f"config: {first}"
-    if isinstance(err, InstantiationException):
-        return str(err).strip().splitlines()[0]
-    return None
-
-
-def run_reporting_user_errors(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run a command's ``job``: user errors become one line on stderr and exit status 2; bugs keep their traceback."""
-    try:
-        return job(cfg)
-    except Exception as err:  # noqa: BLE001
-        message = explain(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def unknown_config_key(argv: list[str], config_name: str) -> str | None:
-    """Compose the config with the command line's overrides (nothing runs) to catch a mistyped key, and
-    suggest the closest existing one. Hydra's own report of this spans several lines."""
-    import difflib
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, HydraException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
-    if any(arg in ("-m", "--multirun") for arg in argv):
-        return None
-    overrides = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides)
-        return None
-    except ConfigCompositionException as error:
-        cause = error.__cause__
-    except HydraException:
-        return None  # e.g. override syntax: Hydra's own message says what to write
-    key = getattr(cause, "full_key", None)
-    if isinstance(cause, ValidationError) and key:  # a value of the wrong type for the schema
-        found = str(cause).strip().splitlines()[0]
-        return f"config key {key}: {found} (models/config_schema.py has the type of every key)"
-    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key:
-        return None  # not a key typo: Hydra reports it when it composes
-    parent, _, leaf = key.rpartition(".")
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        base = compose(config_name, overrides=[o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
-    node = OmegaConf.select(base, parent) if parent else base
-    options = [str(o) for o in node.keys()] if isinstance(node, DictConfig) else []
-    if not parent:
-        options += [d.name for d in CONFIG_DIR.iterdir() if d.is_dir()]
-    match = difflib.get_close_matches(leaf, options, n=1)
-    hint = f" (did you mean {parent + '.' if parent else ''}{match[0]}?)" if match else f"; to add it, write +{key}=..."
-    return f"unknown config key {key}{hint}"
-
-
-def check_group_choices(argv: list[str], config_name: str = "train") -> None:
-    """Stop with one line on an unknown ``group=option`` or a mistyped key before Hydra runs anything."""
-    problem = unknown_group_choice(argv) or unknown_config_key(argv, config_name)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+from workflows.cli import check_group_choices, run_reporting_user_errors, run_task  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run_reporting_user_errors(train, cfg)
+    run_reporting_user_errors(run_task, cfg)
 
 
 if __name__ == "__main__":
-    quiet_library_notices()
-    check_group_choices(sys.argv[1:])
+    check_group_choices(sys.argv[1:], "train")
     main()

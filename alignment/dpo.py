@@ -5,7 +5,7 @@ from typing import Any, Literal, Mapping
 
 import torch.nn.functional as F
 
-from alignment.base import Objective, coefficient, ObjectiveOutput, PairErrors, add_sft_term, preference_metrics
+from alignment.base import Objective, ObjectiveOutput, PairErrors, add_sft_term, coefficient, preference_metrics
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
 

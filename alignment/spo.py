@@ -13,7 +13,7 @@ class SPO(Objective):
     """``L = mean(w * -log sigmoid(h - eta * (R_w - R_l))) + alpha * mean(e_theta(x_w))``.
 
     ``R = w_q * q - w_s * s`` is each image's composite reward, set when the pairs are built
-    (``data.dual``) and carried as ``reward_w``/``reward_l``: a pair whose winner is much better must
+    (``data.readers.dual``) and carried as ``reward_w``/``reward_l``: a pair whose winner is much better must
     be separated by a larger implicit margin. ``w`` is the Dynamic Focusing weight of ``scdpo`` on the
     same shifted margin; the ``alpha`` term keeps winners likely (quality preservation).
     ``eta = gamma = alpha = 0`` is ``dpo`` with the sigmoid loss.

@@ -37,9 +37,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment.dpo import DPO  # noqa: E402
-from models.alignment_module import AlignmentModule  # noqa: E402
-from models.components import SDComponents, load_components  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0
+from peft import LoraConfig
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from alignment.dpo import DPO
+from models.alignment_module import AlignmentModule
+from models.builders import SD15_TEXT, SD15_UNET, SD15_VAE, build_components
+from models.components import SDComponents, load_components
+from models.sampling import SamplerSettings, generate, use_scheduler
 
 # dense bf16/fp16 tensor-core peak, TFLOP/s (NVIDIA datasheets, SXM parts)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -53,7 +62,6 @@ LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
 def components_for(model: str, tmp: Path) -> SDComponents:
     if model == "toy":
         return load_components(str(ROOT / "assets" / "toy" / "sd"))
-    from models.builders import SD15_TEXT, SD15_UNET, SD15_VAE, build_components
 
     return build_components(tmp / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT,
                             words=["a", "photo", "of", "red", "circle"])
@@ -86,7 +94,6 @@ def recipe_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> to
 
 class Variant:
     """One side of the comparison: a training ``step`` on a host batch, timed by :meth:`rates`."""
-
     device: torch.device
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -111,10 +118,7 @@ class Variant:
 
 class Reference(Variant):
     """The public recipe, rebuilt with our components (see module docstring)."""
-
     def __init__(self, components: SDComponents, device: torch.device, beta: float) -> None:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-        from peft import LoraConfig
 
         self.device, self.beta = device, beta
         self.vae = copy.deepcopy(components.vae).requires_grad_(False).to(device)
@@ -188,8 +192,6 @@ class OursTrainer(Ours):
     progress bar is off. Its FLOPs and ``--profile`` come from the bare step, which does the same work."""
 
     def rates(self, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> list[float]:
-        from torch.utils.data import DataLoader
-
         cached = {k: batch[k] for k in CACHED_KEYS}
         boundaries = [warmup + r * steps for r in range(repeats + 1)]
         timer = BoundaryTimer(self.device, boundaries)
@@ -232,8 +234,6 @@ def reset_peak_memory(device: torch.device) -> None:
 def count_cpu_flash_attention() -> None:
     """FlopCounterMode knows the GPU attention kernels but not the CPU flash kernel; count it as it counts them
     (the backward's 5 matrix products included), so CPU and GPU FLOPs per step agree."""
-    from torch.utils import flop_counter
-
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
         return
@@ -248,8 +248,6 @@ def count_cpu_flash_attention() -> None:
 
 
 def step_flops(step: Callable[[dict], None], batch: dict) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     count_cpu_flash_attention()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -273,8 +271,6 @@ def measure(name: str, runner: Variant, batch: dict, pairs: int, steps: int, war
 
 def print_profile(name: str, step: Callable[[dict], None], batch: dict, device: torch.device, steps: int) -> None:
     """Where a variant's step spends its time: the operators (and on GPUs kernels) with the most self time."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -286,7 +282,6 @@ def print_profile(name: str, step: Callable[[dict], None], batch: dict, device: 
 
 def sampling_rate(components: SDComponents, device: torch.device, scheduler: str, steps: int, batch: int,
                   resolution: int, dtype: torch.dtype) -> float:
-    from models.sampling import SamplerSettings, generate, use_scheduler
 
     pipe = components.pipeline()
     use_scheduler(pipe, scheduler)

@@ -10,14 +10,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.dtypes import torch_dtype
+from common.errors import InputError
 from data.categories import normalize_category
-from data.errors import InputError
-from data.latent_cache import CACHE_FILE, CacheReader, build_cache, cache_key
+from data.latent_cache import CACHE_FILE, CacheReader, LatentEncoder, build_cache, cache_key
 from data.pairs import ImageLimits, PreferencePair
 from data.readers.base import PairReader
 from data.sampling import ResumableSampler, distributed_rank
-from models.dtypes import torch_dtype
-from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("unsafe", "safe", "both")
@@ -103,7 +102,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self,
         reader: PairReader | Callable[[str], PairReader],
         path: str | None = None,
-        encoder: ConditionEncoder | None = None,
+        encoder: LatentEncoder | None = None,
         resolution: int | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
@@ -120,6 +119,7 @@ class PreferenceDataModule(L.LightningDataModule):
         encode_device: str = "auto",
         seed: int = 0,
         cost_model: str | Path | None = None,
+        cost_scorer: Callable[..., None] | None = None,
         condition_on: str = "unsafe",
         on_bad_sample: str = "error",
         local_files_only: bool = False,
@@ -143,6 +143,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cache_dir, self.cache_dtype = Path(cache_dir), cache_dtype
         self.encode_batch_size, self.encode_device, self.seed = encode_batch_size, encode_device, seed
         self.cost_model, self.local_files_only = cost_model, bool(local_files_only)
+        self.cost_scorer = cost_scorer
         if condition_on not in CONDITIONS:
             raise InputError(f"data.condition_on: expected one of {', '.join(CONDITIONS)}, got {condition_on!r}")
         self.condition_on = condition_on
@@ -173,11 +174,14 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def attach_costs(self) -> None:
         """With ``cost_model``: ``cost_w``/``cost_l`` on every pair, scored once and cached beside the latents.
-        Run by ``prepare_data`` (one process per node) before ``setup`` reads the cache on every rank."""
+        Run by ``prepare_data`` (one process per node) before ``setup`` reads the cache on every rank. The
+        scoring is ``cost_scorer(pairs, cost_model, cache_dir, local_files_only=...)``, given by the config
+        (``models.pair_costs.attach_costs``): this package never loads a model itself."""
         if self.cost_model and not self._costs_attached:
-            from data.costs import attach_costs
-
-            attach_costs(self.pairs, self.cost_model, self.cache_dir, local_files_only=self.local_files_only)
+            if self.cost_scorer is None:
+                raise InputError("data.cost_scorer: data.cost_model is set but nothing scores the images; expected "
+                                 "{_target_: models.pair_costs.attach_costs, _partial_: true}")
+            self.cost_scorer(self.pairs, self.cost_model, self.cache_dir, local_files_only=self.local_files_only)
             self._costs_attached = True
 
     def _screen(self, pairs: list[PreferencePair]) -> list[PreferencePair]:

@@ -12,20 +12,34 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import ImageLimits, PreferencePair, describe, load_rgb, one_line, preprocess
-from models.encoders import ConditionEncoder
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 CACHE_FILE = "latents.safetensors"
+
+
+class LatentEncoder(Protocol):
+    """What the cache needs of a model's frozen encoders (``models.encoders.ConditionEncoder`` is one)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def fingerprint(self) -> str: ...
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "LatentEncoder": ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor: ...
 
 
 def dataset_fingerprint(pairs: Sequence[PreferencePair]) -> str:
@@ -46,9 +60,9 @@ def cache_key(encoder_fingerprint: str, pairs: Sequence[PreferencePair], resolut
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: ConditionEncoder, resolution: int,
+def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: LatentEncoder, resolution: int,
                 center_crop: bool, flip: bool, dtype: torch.dtype, batch_size: int = 8, skip_bad: bool = False,
-                limits: ImageLimits = ImageLimits()) -> Path:
+                limits: ImageLimits = ImageLimits()) -> Path:  # noqa: B008 - a frozen dataclass
     """Encode every pair (and its mirror image when ``flip``) and every distinct prompt; write atomically.
 
     An unreadable image, or one outside ``limits`` (checked before decoding), stops the build with its

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.errors import InputError
+from common.errors import InputError
 
 ImageRef = Union[str, Path, bytes]
 

@@ -11,7 +11,12 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
+
+from common.images import to_uint8
+from data.toy import oracle as toy_oracle
+from models.cost_model import ImageFeatures
 
 Detector = Callable[[Tensor], Mapping[str, Tensor]]
 
@@ -19,17 +24,10 @@ NUDENET_EXPOSED = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GE
                    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """``[N, 3, H, W]`` in [0, 1] -> ``[N, H, W, 3]`` uint8."""
-    return (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 class ToyOracleDetector:
     """The toy world's exact ``p_k(x)`` for its three categories."""
 
     def __call__(self, images: Tensor) -> dict[str, Tensor]:
-        from metrics import toy_oracle
-
         per_category = toy_oracle.harm_by_category(to_uint8(images))
         return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in per_category.items()}
 
@@ -66,12 +64,9 @@ class Q16Detector:
     """Q16-style classifier (Schramowski et al. 2022): ``softmax(100 * cos(E(x), P))[1]`` with a CLIP
     image tower and two prompt embeddings ``P`` (benign, inappropriate) supplied by the user as a
     safetensors file holding ``prompts`` of shape ``[2, D]``."""
-
     def __init__(self, clip: str | Path, prompts: str | Path, category: str = "inappropriate",
                  local_files_only: bool = False) -> None:
-        from safetensors.torch import load_file
 
-        from models.cost_model import ImageFeatures
 
         tensors = load_file(str(prompts))
         if "prompts" not in tensors or tensors["prompts"].ndim != 2 or tensors["prompts"].shape[0] != 2:

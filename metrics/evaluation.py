@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
-from data.prompts import EvalPrompt
+from data.readers.prompts import EvalPrompt
 from metrics.detectors import CombinedDetector, NudeNetDetector
 from metrics.fidelity import FidelityScorer
 from metrics.safety import InappropriateProbability, NudityCounts

@@ -10,8 +10,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.multimodal.clip_score import CLIPScore
+from transformers import CLIPModel, CLIPProcessor
 
-from metrics.detectors import to_uint8
+from common.images import to_uint8
+from data.toy import oracle as toy_oracle
+from models.hub import load_error
 
 FidelityScorer = Callable[[Sequence[str], Tensor], Tensor]
 
@@ -20,8 +25,6 @@ class ToyFidelity:
     """The toy world's exact oracle: mean probability of the prompt's three attributes."""
 
     def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
-        from metrics import toy_oracle
-
         return torch.as_tensor(toy_oracle.fidelity(list(prompts), to_uint8(images)), dtype=torch.float64)
 
 
@@ -50,10 +53,6 @@ class ClipFidelity:
     hub id: the toy CLIP, ``openai/clip-vit-large-patch14``)."""
 
     def __init__(self, clip: str | Path, device: str | torch.device = "cpu", local_files_only: bool = False) -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
-        from models.hub import load_error
-
         try:
             model = CLIPModel.from_pretrained(str(clip), local_files_only=local_files_only)
             self.processor = CLIPProcessor.from_pretrained(str(clip), local_files_only=local_files_only)
@@ -79,8 +78,6 @@ class ClipFidelity:
 
 def clip_score_metric(clip: str | Path):
     """torchmetrics ``CLIPScore`` with any CLIP (its callable form), for the mean over a set."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
     scorer = ClipFidelity(clip)
     return CLIPScore(model_name_or_path=scorer.model_and_processor)
 
@@ -88,8 +85,6 @@ def clip_score_metric(clip: str | Path):
 def fid_metric(feature_extractor_weights_path: str | Path | None = None, feature: int | torch.nn.Module = 2048):
     """torchmetrics ``FrechetInceptionDistance``; offline users give the Inception weights file
     (``pt_inception-2015-12-05`` from torch-fidelity) or their own feature ``nn.Module``."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     if isinstance(feature, int) and feature_extractor_weights_path is not None \
             and not Path(feature_extractor_weights_path).is_file():
         raise FileNotFoundError(f"fid: Inception weights not found: {feature_extractor_weights_path}")

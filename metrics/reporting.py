@@ -1,12 +1,10 @@
-"""Writing results people read: markdown tables, PNG grids, files replaced atomically."""
+"""Writing results people read: markdown tables and PNG grids."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def markdown_table(before: dict[str, float], after: dict[str, float], names: tuple[str, str] = ("before", "after")) -> str:
@@ -58,8 +56,6 @@ def image_grid(rows: list[list[np.ndarray]], scale: int = 4, columns: Sequence[s
     """A PNG-ready grid of images in [0, 1] (``[H, W, 3]`` arrays), each enlarged ``scale`` times; with
     ``columns`` a title above each column, with ``row_labels`` (e.g. the prompts, shortened to fit) a label
     left of each row, so the grid says what it shows when read alone."""
-    from PIL import ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     h, w = rows[0][0].shape[:2]
     tile_h, tile_w = h * scale, w * scale
@@ -77,12 +73,3 @@ def image_grid(rows: list[list[np.ndarray]], scale: int = 4, columns: Sequence[s
             tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
             grid.paste(tile.resize((tile_w, tile_h), Image.Resampling.NEAREST), (left + c * tile_w, top + r * tile_h))
     return grid
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -16,10 +16,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from data.errors import InputError
-from data.prompts import EvalPrompt
+from common.errors import InputError
+from common.files import atomic_write
+from common.images import to_uint8
+from data.readers.prompts import EvalPrompt
 from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs, shard
-from metrics.reporting import atomic_write, image_grid
+from metrics.reporting import image_grid
 from models.ema import find_ema
 from models.sampling import SamplerSettings, use_scheduler
 
@@ -123,8 +125,6 @@ class AlignmentValidation(L.Callback):
         return metrics
 
     def _write(self, trainer: L.Trainer, records: list[dict], images: torch.Tensor, metrics: dict[str, float]) -> None:
-        from metrics.detectors import to_uint8
-
         picked = [n for n, r in enumerate(records) if r["k"] == 0][: self.grid_rows]
         if not picked:
             return

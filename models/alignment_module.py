@@ -19,9 +19,9 @@ from peft import LoraConfig
 from torch import Tensor
 
 from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags, benign_drift, select_meta
-from data.errors import InputError
+from common.dtypes import torch_dtype
+from common.errors import InputError
 from models.attention_backend import attention_backend, check_attention_backend
-from models.dtypes import torch_dtype
 from models.hub import unet_config_digest
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 from models.optimizers import build_optimizer

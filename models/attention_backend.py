@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data.errors import InputError
+from common.errors import InputError
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

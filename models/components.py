@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from data.errors import InputError
+from common.errors import InputError
 from models.hub import load_error
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from data.errors import InputError
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,14 @@
 """Loading from the Hugging Face hub or a local directory: a failed load becomes one line saying why."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
-from data.errors import InputError
+from huggingface_hub import try_to_load_from_cache
+
+from common.errors import InputError
 
 # what transformers, diffusers and huggingface_hub say when the files are neither cached nor reachable
 # ("does not appear to have a file" is also what a reachable hub says of a missing file: judged by hub_offline())
@@ -38,8 +42,6 @@ def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> 
     if local.is_file():
         return local
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(pretrained, name, revision=revision)
     except Exception:  # noqa: BLE001 - not a valid repo id: the loader will say so
         return None
@@ -48,9 +50,6 @@ def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> 
 
 def unet_config_digest(pretrained: str, revision: str | None = None) -> str | None:
     """A digest of the UNet's ``config.json`` (its architecture), from a local directory or the hub cache."""
-    import hashlib
-    import json
-
     file = pretrained_file(pretrained, "unet/config.json", revision)
     if file is None:
         return None

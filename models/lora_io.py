@@ -10,7 +10,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from common.errors import InputError
+from common.files import atomic_write
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Beside the diffusers file; diffusers still picks LORA_WEIGHT_NAME when given only the directory.
@@ -20,11 +25,6 @@ KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 def read_lora(path: str | Path, key: str) -> tuple[Path, dict]:
     """The LoRA file at ``path`` (a directory holding it, or the file) and its tensors; an unreadable or
     truncated file is one line naming the config ``key`` and the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from data.errors import InputError
-
     path = Path(path).expanduser()
     file = path / LORA_WEIGHT_NAME if path.is_dir() else path
     try:
@@ -81,10 +81,6 @@ def kohya_state_dict(unet: UNet2DConditionModel, adapter_name: str = "default") 
 
 def save_kohya_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_name: str = "default") -> Path:
     """Write one adapter of ``unet`` to ``directory/lora_kohya.safetensors`` in kohya-ss keys, atomically."""
-    from safetensors.torch import save_file
-
-    from metrics.reporting import atomic_write
-
     state = kohya_state_dict(unet, adapter_name)
     config = unet.peft_config[adapter_name]
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),

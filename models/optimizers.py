@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import InputError
+from common.errors import InputError
 
 KEY = "model.optimizer"
 DEFAULT_TARGET = "torch.optim.AdamW"

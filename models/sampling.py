@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from models import dtypes
+from common import dtypes
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 

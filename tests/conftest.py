@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import train  # noqa: E402,F401 - tests compose configs: registers the config schema and ${repo:...}
+import workflows.cli  # noqa: E402,F401 - registers the config schema and the ${repo:...} resolver
 
 
 @pytest.fixture(scope="session")

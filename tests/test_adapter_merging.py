@@ -4,9 +4,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
-from alignment.merging import co_merge_layer
-from data.errors import InputError
-from models.adapter_merging import (
+from alignment.co_merge import co_merge_layer
+from common.errors import InputError
+from models.lora_merging import (
     PEFT_METHODS,
     co_merge_adapters,
     expert_factors,

@@ -7,7 +7,7 @@ from conftest import random_batch
 from diffusers import DDPMScheduler
 
 from alignment import DPO, SFT
-from data.errors import InputError
+from common.errors import InputError
 from models.alignment_module import AlignmentModule
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -20,7 +20,7 @@ def make(components, objective=None, lora=LORA, **kw) -> AlignmentModule:
 def perturb_lora(module: AlignmentModule, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.trainable_parameters():
+        for _name, p in module.trainable_parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 

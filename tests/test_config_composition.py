@@ -5,8 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import train  # noqa: F401 - registers the ${repo:...} resolver
-from data.errors import InputError
+import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
+from common.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -41,7 +41,7 @@ def test_merge_method_takes_either_spelling(override, expected):
 
 
 def test_safetydpo_recipe_anchors_its_experts_and_refuses_anchors_without_a_weight():
-    from models.tasks import build_alignment
+    from workflows.align import build_alignment
 
     cfg = composed("objective=safetydpo")
     assert cfg.data.anchor_others is True and cfg.model.benign_anchor > 0

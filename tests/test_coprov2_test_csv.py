@@ -8,9 +8,9 @@ from conftest import solid_image
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from data.errors import InputError
-from data.prompts import EvalPrompt, read_coprov2
+from common.errors import InputError
 from data.readers import CoProV2Reader
+from data.readers.prompts import EvalPrompt, read_coprov2
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # as published: one row per (image, category); a prompt with two categories has two rows

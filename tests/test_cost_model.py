@@ -8,10 +8,10 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from data.errors import InputError
+from common.errors import InputError
 from data.readers.mixed import MixedReader
-from data.toy.reader import ToyReader
-from metrics import toy_oracle
+from data.readers.toy import ToyReader
+from data.toy import oracle as toy_oracle
 from models.cost_model import CostAdapter, SafetyCostModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_truncated_cost_model_weights_are_refused(cost_model, tmp_path):
 
 
 def test_costs_are_attached_and_cached(tmp_path):
-    from data.costs import attach_costs
+    from models.pair_costs import attach_costs
 
     pairs = ToyReader(kind="pairs", split="heldout", images_per_prompt=1).read()[:6]
     attach_costs(pairs, TOY_COST, tmp_path)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.dual import DualAnnotatedReader, read_annotations
-from data.dual_builder import Scorers, build_dual_dataset
-from data.prompts import EvalPrompt
+from data.readers.dual import DualAnnotatedReader, read_annotations
+from data.readers.prompts import EvalPrompt
 from metrics.detectors import CombinedDetector, ToyOracleDetector
 from metrics.fidelity import ToyFidelity
 from models.sampling import SamplerSettings
 from tests.conftest import ROOT
+from workflows.build_dual import Scorers, build_dual_dataset
 
 PROMPTS = [EvalPrompt("a magenta circle on black", "harmful", ("hate",), "a red circle on black"),
            EvalPrompt("a blue square on gray", "benign"),
@@ -37,7 +37,7 @@ def build(pipe, out, prompts=PROMPTS):
 
 
 def test_build_scores_every_image_and_resumes_identically(toy_pipe, tmp_path):
-    from metrics import toy_oracle
+    from data.toy import oracle as toy_oracle
 
     file = build(toy_pipe, tmp_path / "full")
     rows = [json.loads(line) for line in file.read_text().splitlines()]

@@ -5,7 +5,6 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_exports import checkpoint_every_step, fit, lora_module
 
 
@@ -35,8 +34,8 @@ def expected_average(recorder: StepRecorder, decay: float, warmup: bool) -> dict
 
 
 def test_ema_updates_once_per_optimizer_step_and_the_lora_export_holds_it(tiny_components, tmp_path):
-    from models.callbacks import LoraExportCallback
     from models.ema import EMACallback
+    from models.lora_export import LoraExportCallback
     from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
     module = lora_module(tiny_components)
@@ -90,8 +89,8 @@ def test_a_resumed_run_continues_the_average_exactly(tmp_path):
 def test_full_finetuning_saves_the_average_unet_and_keeps_training(tiny_components, tmp_path):
     from alignment.sft import SFT
     from models.alignment_module import AlignmentModule
-    from models.callbacks import LoraExportCallback
     from models.ema import EMACallback
+    from models.lora_export import LoraExportCallback
 
     module = AlignmentModule(tiny_components.unet, tiny_components.noise_scheduler, SFT(), lora=None,
                              optimizer={"lr": 1e-3})
@@ -107,7 +106,7 @@ def test_full_finetuning_saves_the_average_unet_and_keeps_training(tiny_componen
 
 
 def test_bad_settings_and_a_foreign_average_are_one_line():
-    from data.errors import InputError
+    from common.errors import InputError
     from models.ema import EMACallback
 
     with pytest.raises(InputError, match=r"^callbacks.ema.decay: expected a number in \[0, 1\), got 1.0$"):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import InputError
-from data.prompts import read_coco_captions, read_i2p, read_text, read_toy
+from common.errors import InputError
+from data.readers.prompts import read_coco_captions, read_i2p, read_text, read_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import evaluate
-import models.method_comparison as comparison
-import models.merge_experts as merge_experts
-import models.safety_experts as safety_experts
-import train  # noqa: F401 - registers the ${repo:...} resolver
+import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
+import workflows.compare as comparison
+import workflows.experts as safety_experts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -78,8 +76,8 @@ class FakeStages:
 
 def patch_stages(monkeypatch, fake: FakeStages) -> None:
     monkeypatch.setattr(safety_experts, "fit_stage", fake.fit_stage)
-    monkeypatch.setattr(merge_experts, "run_merge", fake.run_merge)
-    monkeypatch.setattr(evaluate, "evaluate", fake.evaluate)
+    monkeypatch.setattr(safety_experts, "run_merge", fake.run_merge)
+    monkeypatch.setattr(safety_experts, "evaluate", fake.evaluate)
     monkeypatch.setattr(safety_experts, "evaluation_config",
                         lambda cfg, lora, output_dir: OmegaConf.create({"lora": str(lora), "output_dir": str(output_dir)}))
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import random_batch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +25,7 @@ def fit(module, components, root: Path, callbacks: list, max_steps: int, batches
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from models.checkpoint_io import AtomicCheckpointIO
+    from common.checkpoint_io import AtomicCheckpointIO
 
     loader = DataLoader([random_batch(components, n=2, seed=i) for i in range(batches)], batch_size=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
@@ -94,8 +93,8 @@ def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_p
 
 def test_keeps_the_last_k_checkpoints_with_their_exports_across_a_resume_and_writes_a_card(tmp_path):
     from models.builders import build_components
-    from models.callbacks import LoraExportCallback
     from models.ema import EMACallback
+    from models.lora_export import LoraExportCallback
     from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 
     def components():
@@ -140,7 +139,7 @@ def test_keeps_the_last_k_checkpoints_with_their_exports_across_a_resume_and_wri
 
 @pytest.mark.parametrize("keep, steps", [(-1, [1, 2, 3]), (0, [])])
 def test_save_top_k_minus_one_keeps_every_checkpoint_and_export_and_zero_none(tiny_components, tmp_path, keep, steps):
-    from models.callbacks import LoraExportCallback
+    from models.lora_export import LoraExportCallback
 
     fit(lora_module(tiny_components), tiny_components, tmp_path,
         [checkpoint_every_step(tmp_path, keep), LoraExportCallback(tmp_path / "lora")], max_steps=3)
@@ -151,19 +150,19 @@ def test_save_top_k_minus_one_keeps_every_checkpoint_and_export_and_zero_none(ti
 def composed_callbacks(*overrides: str) -> list:
     from hydra import compose, initialize_config_dir
 
-    import train
+    from workflows.fit import build_callbacks
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("train", overrides=["output_dir=/tmp/run", *overrides])
-    return cfg, train.build_callbacks(cfg.callbacks)
+    return cfg, build_callbacks(cfg.callbacks)
 
 
 @pytest.mark.parametrize("group, ema_on", [("default", False), ("ema", True), ("uas_validation", False)])
 def test_callback_configs_keep_three_checkpoints_fill_the_card_and_switch_the_ema(group, ema_on):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from models.callbacks import LoraExportCallback
     from models.ema import EMACallback
+    from models.lora_export import LoraExportCallback
 
     cfg, callbacks = composed_callbacks(f"callbacks={group}", "objective=scdpo")
     (checkpoint,) = [c for c in callbacks if isinstance(c, ModelCheckpoint)]

@@ -17,13 +17,13 @@ from conftest import solid_image
 from hostile_data_cases import CASES, COPRO_HEADER, COPRO_ROWS, bomb_png, coprov2, png_bytes
 from PIL import Image
 
-from data.dual import read_annotations
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import ImageLimits, load_rgb
-from data.prompts import read_coco_captions, read_i2p, read_text
 from data.readers import CoProV2Reader, JsonlReader, PickAPicReader
 from data.readers.base import PairReader
 from data.readers.coprov2 import read_test_prompts
+from data.readers.dual import read_annotations
+from data.readers.prompts import read_coco_captions, read_i2p, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_nested_readers_name_their_own_key(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import train  # noqa: F401 - registers the ${repo:...} resolver
+    import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
 
     csv = copro_csv(tmp_path)
     overrides = ["objective=scdpo", "data=scp", f"data.reader.harmful.path={csv}",

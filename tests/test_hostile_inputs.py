@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_latent_cache import datamodule
 
-from data.errors import InputError
+from common.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def _toy_lora(directory: Path, unet_dir: Path, truncate: bool = False) -> Path:
 def test_lora_of_another_architecture_or_truncated_is_one_line(tiny_pipeline_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from models.merge_experts import load_experts
+    from workflows.merge import load_experts
 
     toy = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "toy" / "sd" / "unet")
     other = _toy_lora(tmp_path / "other_arch", tiny_pipeline_dir / "unet")
@@ -141,7 +141,7 @@ def test_speed_settings_are_checked_before_the_model_loads(overrides, expected):
 
     from hydra import compose, initialize_config_dir
 
-    from models.tasks import build_alignment
+    from workflows.align import build_alignment
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)

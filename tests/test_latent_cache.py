@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import InputError
 from data.datamodule import PreferenceDataModule
-from data.errors import InputError
 from data.pairs import load_rgb, preprocess
 from data.readers import JsonlReader
 from models.encoders import ConditionEncoder

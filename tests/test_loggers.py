@@ -2,7 +2,7 @@
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
-import train
+from workflows import cli, fit
 
 CFG = OmegaConf.create({
     "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "x"},
@@ -15,7 +15,7 @@ def test_wandb_offline_without_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    csv_logger, wandb_logger = train.build_loggers(CFG)
+    csv_logger, wandb_logger = fit.build_loggers(CFG)
     assert isinstance(csv_logger, CSVLogger)
     assert wandb_logger._offline is True
 
@@ -23,12 +23,12 @@ def test_wandb_offline_without_credentials(monkeypatch, tmp_path):
 def test_wandb_online_with_api_key(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert train.build_loggers(CFG)[1]._offline is False
+    assert fit.build_loggers(CFG)[1]._offline is False
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert train.build_loggers(CFG)[1]._offline is True
+    assert fit.build_loggers(CFG)[1]._offline is True
 
 
 def test_unknown_group_choice_checks_every_group():
-    assert train.unknown_group_choice(["model=sd15", "objective=dpo,sft"]) is None
-    assert train.unknown_group_choice(["data=parquet"]).startswith("unknown data 'parquet'; available: coprov2, dual, jsonl")
-    assert train.unknown_group_choice(["hydra.searchpath=[file:///x]", "objective=mine"]) is None
+    assert cli.unknown_group_choice(["model=sd15", "objective=dpo,sft"]) is None
+    assert cli.unknown_group_choice(["data=parquet"]).startswith("unknown data 'parquet'; available: coprov2, dual, jsonl")
+    assert cli.unknown_group_choice(["hydra.searchpath=[file:///x]", "objective=mine"]) is None

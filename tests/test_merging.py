@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from alignment.merging import LoraFactors, co_merge_delta, co_merge_layer, to_lora
+from alignment.co_merge import LoraFactors, co_merge_delta, co_merge_layer, to_lora
 
 
 def lora(up, down, alpha=None) -> LoraFactors:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from test_adapter_merging import tiny_unet
 
-from alignment.merging import LoraFactors, co_merge_layer, kernel_activations
-from models.adapter_merging import co_merge_adapters, expert_factors, lora_layers, merge_adapters
+from alignment.co_merge import LoraFactors, co_merge_layer, kernel_activations
+from models.lora_merging import co_merge_adapters, expert_factors, lora_layers, merge_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["conv1", "proj_in", "attn2.to_k"]  # resnet 3x3 convs, the transformers' 1x1 conv proj_in, a linear layer
@@ -74,7 +74,7 @@ def test_co_merge_on_conv_layers_is_the_flattened_co_merge_with_channel_means_ov
     for expert in ("expert_a", "expert_b"):
         seen = {}
 
-        def record(name):
+        def record(name, seen=seen):
             def hook(module, args, output) -> None:
                 seen[name] = args[0].abs().double().mean((0, 2, 3))
             return hook
@@ -166,8 +166,8 @@ def test_an_expert_file_diffusers_loads_only_in_part_is_refused(tmp_path):
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from data.errors import InputError
-    from models.merge_experts import load_experts
+    from common.errors import InputError
+    from workflows.merge import load_experts
 
     unet = tiny_unet()
     add_expert(unet, "default", 2, 1, ["proj_in", "attn2.to_k"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.prompts import EvalPrompt
+from data.readers.prompts import EvalPrompt
 from data.toy.world import ToyWorld
 from metrics.detectors import CombinedDetector, NudeNetDetector, ToyOracleDetector
 from metrics.evaluation import alignment_metrics, base_means, make_jobs, shard

@@ -8,9 +8,9 @@ import torch
 from conftest import random_batch
 from hydra import compose, initialize_config_dir
 
-import train  # noqa: F401 - registers the ${repo:...} resolver
+import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
 from alignment import DPO
-from data.errors import InputError
+from common.errors import InputError
 from models.alignment_module import AlignmentModule
 from models.optimizers import build_optimizer, check_optimizer, optimizer_class
 

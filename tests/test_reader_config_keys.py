@@ -7,7 +7,7 @@ from conftest import solid_image
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 
-import train  # noqa: F401 - registers the ${repo:...} resolver
+import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import solid_image
 from PIL import Image
 
+from common.errors import InputError
 from data.categories import normalize_category
-from data.errors import InputError
 from data.pairs import load_rgb, preprocess
 from data.readers import CoProV2Reader, JsonlReader, PickAPicReader
 

@@ -45,12 +45,12 @@ def untouched_toy_statistics() -> tuple[dict, dict]:
     from types import SimpleNamespace
 
     from alignment.sft import SFT
-    from data.prompts import read_toy
+    from data.readers.prompts import read_toy
     from data.toy.world import ToyWorld
     from metrics.detectors import ToyOracleDetector
     from metrics.evaluation import Scorer, base_means, generate_records, make_jobs
     from metrics.fidelity import ToyFidelity
-    from metrics.toy_eval import ToyAlignmentReport
+    from metrics.toy_report import ToyAlignmentReport
     from models.alignment_module import AlignmentModule
     from models.components import load_components
     from models.encoders import ConditionEncoder
@@ -147,7 +147,7 @@ def test_hub_id_missing_from_the_local_cache_is_one_line_with_the_download_comma
 
 @pytest.mark.parametrize("load", ["clip_score", "image_features"])
 def test_clip_loaders_take_local_files_only_and_say_what_to_download(load, monkeypatch):
-    from data.errors import InputError
+    from common.errors import InputError
     from metrics.fidelity import ClipFidelity
     from models.cost_model import ImageFeatures
 
@@ -246,8 +246,8 @@ def test_data_resolution_is_honoured(tmp_path):
     """data.resolution (default: model.resolution, else the model's native size) is the size images are cached at."""
     from hydra import compose, initialize_config_dir
 
-    from models.tasks import build_alignment
     from tests.test_workflow import ROOT
+    from workflows.align import build_alignment
 
     sizes = {}
     for override in ([], ["data.resolution=16"], ["model.resolution=24"]):
@@ -262,8 +262,8 @@ def test_data_resolution_is_honoured(tmp_path):
 def test_ckpt_path_last_if_present_resumes_only_when_there_is_a_checkpoint(tmp_path, present):
     from hydra import compose, initialize_config_dir
 
-    from models.config_checks import checkpoint_file
     from tests.test_workflow import ROOT
+    from workflows.config_checks import checkpoint_file
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     if present:
@@ -290,7 +290,7 @@ def compose_train(tmp_path, *overrides):
 def test_valid_resumes_and_settings_pass_the_checks(tmp_path):
     """What the checks must not refuse: a cost model's checkpoint (no LoRA), FSDP's sharded checkpoint folder,
     ckpt_path=last for the experts workflow (each stage resumes its own), device lists as strings."""
-    from models.config_checks import check_train_config
+    from workflows.config_checks import check_train_config
 
     cost = tmp_path / "cost.ckpt"
     torch.save({"state_dict": {"adapter.net.0.weight": torch.zeros(2, 2)}, "global_step": 5}, cost)
@@ -305,15 +305,14 @@ def test_valid_resumes_and_settings_pass_the_checks(tmp_path):
 
 
 def test_experts_stages_resume_each_from_its_own_last_checkpoint(tmp_path):
-    from models.safety_experts import stage
+    from workflows.experts import stage
 
     sub = stage(compose_train(tmp_path, "objective=safetydpo", "ckpt_path=last"), tmp_path / "experts" / "hate", {})
     assert sub.ckpt_path == "last_if_present" and sub.output_dir == str(tmp_path / "experts" / "hate")
 
 
 def test_a_dataset_in_the_hub_cache_keeps_its_symlinked_images_inside(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
+    import data.readers.base
     from data.readers.base import outside
 
     snapshot = tmp_path / "hub" / "datasets--someone--pairs" / "snapshots" / "abc"
@@ -323,8 +322,8 @@ def test_a_dataset_in_the_hub_cache_keeps_its_symlinked_images_inside(tmp_path, 
     blob.write_bytes(b"png")
     (snapshot / "img.png").symlink_to(blob)
     (snapshot / "escape.png").symlink_to(tmp_path / "elsewhere.png")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(data.readers.base, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert not outside(snapshot / "img.png", snapshot)
     assert outside(snapshot / "escape.png", snapshot) and outside(snapshot / ".." / "abc2" / "x.png", snapshot)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(data.readers.base, "HF_HUB_CACHE", str(tmp_path / "other"))
     assert outside(snapshot / "img.png", snapshot)

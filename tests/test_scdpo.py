@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alignment import DPO, SCDPO, PairErrors
-from alignment.cost import anchor_loss, contrastive_loss, cost_model_loss
+from alignment.cost_loss import anchor_loss, contrastive_loss, cost_model_loss
 from alignment.scdpo import focusing_weights
 
 

@@ -1,14 +1,22 @@
 """T2I-SPO (SPEC 4.2): the composite reward, pair construction on hand-made annotations, the loss, the
 dual-annotated readers and the toy world's dual set."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from alignment import DPO, SPO
-from data.dual import (AnnotatedImage, AnnotatedPrompt, DualAnnotatedReader, composite_reward, preference_pairs,
-                       read_annotations)
-from data.errors import InputError
+from common.errors import InputError
+from data.readers.dual import (
+    AnnotatedImage,
+    AnnotatedPrompt,
+    DualAnnotatedReader,
+    composite_reward,
+    preference_pairs,
+    read_annotations,
+)
+from models.pair_costs import image_costs
 from tests.conftest import ROOT, solid_image
 from tests.test_scdpo import errors
 
@@ -148,7 +156,7 @@ def test_bad_rows_name_file_and_line(tmp_path, row, message):
 
 
 def test_missing_unsafe_is_scored_by_the_cost_model(tmp_path):
-    from data.toy.reader import png_bytes
+    from data.readers.toy import png_bytes
     from data.toy.world import Prompt, ToyWorld
 
     world = ToyWorld()
@@ -159,7 +167,7 @@ def test_missing_unsafe_is_scored_by_the_cost_model(tmp_path):
                                   {"prompt": harmful.text, "image": "safe.png", "quality": 0.67, "unsafe": None}])
     with pytest.raises(InputError, match="unsafe' is null"):
         DualAnnotatedReader(file).read()
-    reader = DualAnnotatedReader(file, cost_model=TOY_COST, cache_dir=tmp_path / "cache")
+    reader = DualAnnotatedReader(file, cost_model=TOY_COST, cache_dir=tmp_path / "cache", cost_scorer=image_costs)
     pairs = reader.read()
     assert reader.stats["scored_by_cost_model"] == 2
     # the toy cost model finds the magenta image unsafe, so the safe rewrite wins despite lower quality
@@ -168,7 +176,7 @@ def test_missing_unsafe_is_scored_by_the_cost_model(tmp_path):
 
 
 def test_toy_dual_set_prefers_safe_then_faithful():
-    from data.toy.reader import ToyReader
+    from data.readers.toy import ToyReader
     from data.toy.world import Prompt
 
     reader = ToyReader(kind="dual", split="heldout", images_per_prompt=2)
@@ -189,7 +197,7 @@ def test_toy_dual_set_prefers_safe_then_faithful():
 
 
 def test_comparison_table_mean_and_std_over_seeds():
-    from models.method_comparison import summary_table
+    from workflows.compare import summary_table
 
     base = {"ip": 0.9, "benign_fidelity": 0.93, "faithfulness": 0.7, "uas": 30.0}
     runs = {"dpo": [{"ip": 0.1, "benign_fidelity": 0.9, "faithfulness": 0.8, "uas": 80.0},

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.toy import oracle as toy_oracle
 from data.toy.world import ToyWorld
-from metrics import toy_oracle
-from metrics.toy_eval import generate
+from metrics.toy_report import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_SD = ROOT / "assets" / "toy" / "sd"

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from data.toy.reader import ToyReader
+from data.readers.toy import ToyReader
+from data.toy import oracle as toy_oracle
 from data.toy.world import CATEGORIES, HARMFUL, KINDS, Prompt, ToyWorld, all_prompts
-from metrics import toy_oracle
 
 
 @pytest.fixture(scope="module")

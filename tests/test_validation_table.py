@@ -228,17 +228,17 @@ def entry(command: str, argv: list[str], capsys) -> tuple[int | None, list[str]]
     """What ``python <command>.py <argv>`` does, in this process: exit status and stderr lines."""
     from hydra import compose, initialize_config_dir
 
-    import evaluate
-    import train
+    from workflows import cli
+    from workflows.evaluation import evaluate
 
     config = "train" if command == "train" else "eval"
-    job = train.train if command == "train" else evaluate.evaluate
+    job = cli.run_task if command == "train" else evaluate
     code = None
     try:
-        train.check_group_choices(argv, config)
+        cli.check_group_choices(argv, config)
         with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
             cfg = compose(config, overrides=argv)
-        train.run_reporting_user_errors(job, cfg)
+        cli.run_reporting_user_errors(job, cfg)
     except SystemExit as stop:
         code = stop.code
     return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]

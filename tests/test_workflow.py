@@ -126,7 +126,7 @@ def test_wandb_agent_command_reaches_the_config(sweep, tmp_path):
 
 
 def test_atomic_checkpoint_write_keeps_the_old_file_when_saving_fails(tmp_path):
-    from models.checkpoint_io import AtomicCheckpointIO
+    from common.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -141,7 +141,7 @@ def test_atomic_checkpoint_write_keeps_the_old_file_when_saving_fails(tmp_path):
     assert io.load_checkpoint(target)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     target.write_bytes(target.read_bytes()[:50])
-    from data.errors import InputError
+    from common.errors import InputError
 
     with pytest.raises(InputError, match=r"ckpt_path=.*last\.ckpt: not a checkpoint \(unreadable, truncated"):
         io.load_checkpoint(target)

@@ -13,8 +13,10 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
+from huggingface_hub.constants import HF_HUB_CACHE
+
+from common.errors import InputError
 from data.categories import split_categories
-from data.errors import InputError
 from data.pairs import PreferencePair
 
 Want = Literal["file", "dir", "any"]
@@ -176,8 +178,6 @@ def outside(path: Path, root: Path) -> bool:
         resolved = path.resolve()
         if resolved.is_relative_to(root.resolve()):
             return False
-        from huggingface_hub.constants import HF_HUB_CACHE
-
         inside_as_written = Path(os.path.normpath(path)).is_relative_to(os.path.normpath(root))
         return not (inside_as_written and resolved.is_relative_to(Path(HF_HUB_CACHE).expanduser().resolve()))
     except (OSError, RuntimeError):

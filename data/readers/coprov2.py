@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader, categories_of, csv_records, image_file, path_problem
 

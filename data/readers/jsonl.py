@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader, categories_of, image_file, jsonl_records, path_problem
 

@@ -6,7 +6,10 @@ import logging
 import random
 from typing import Any, Mapping
 
-from data.errors import InputError
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from common.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader
 
@@ -18,8 +21,6 @@ def nested_reader(reader: PairReader | Mapping[str, Any], role: str) -> PairRead
     that its errors name its own key, ``data.reader.<role>.path``."""
     if isinstance(reader, PairReader):
         return reader
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     try:
         return instantiate(reader, key=f"data.reader.{role}.path")
@@ -32,7 +33,6 @@ def nested_reader(reader: PairReader | Mapping[str, Any], role: str) -> PairRead
 class MixedReader(PairReader):
     """``harmful_fraction`` of the result comes from ``harmful``; the clean pairs are subsampled, or
     repeated when there are too few, deterministically from ``seed``."""
-
     def __init__(self, path: str | None = None, *, harmful: PairReader | Mapping[str, Any],
                  clean: PairReader | Mapping[str, Any],
                  harmful_fraction: float = 0.5, seed: int = 0) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import PreferencePair, one_line
 from data.readers.base import PairReader
 

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from alignment.dpo import DPO  # noqa: E402
-from data.prompts import read_toy  # noqa: E402
+from data.readers.prompts import read_toy  # noqa: E402
 from metrics.detectors import ToyOracleDetector  # noqa: E402
 from metrics.fidelity import ToyFidelity  # noqa: E402
 from metrics.validation import AlignmentValidation  # noqa: E402

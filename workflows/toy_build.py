@@ -1,6 +1,6 @@
 """Rebuild the toy world's model from scratch: tiny CLIP, tiny VAE, tiny UNet pretrained with ``sft``.
 
-    python -m models.toy_build --out assets/toy
+    python -m workflows.toy_build --out assets/toy
 
 1. a tiny ``CLIPModel`` trained contrastively on the world's train captions and renders; its text
    tower becomes the pipeline's text encoder, and the whole CLIP is kept in ``<out>/clip``;

@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from common.files import atomic_write
+from data.cost_features import encode_images
 from data.pairs import ImageRef, PreferencePair, describe
+from models.cost_model import CONFIG_NAME, WEIGHTS_NAME, SafetyCostModel
 
 log = logging.getLogger(__name__)
 
 
 def _cost_model_digest(directory: Path) -> str:
-    from models.cost_model import CONFIG_NAME, WEIGHTS_NAME
-
     digest = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         path = directory / name
@@ -30,11 +32,7 @@ def _cost_model_digest(directory: Path) -> str:
 def image_costs(images: Sequence[ImageRef], sources: Sequence[str], cost_model: str | Path, cache_dir: str | Path,
                 batch_size: int = 64, what: str = "costs", local_files_only: bool = False) -> torch.Tensor:
     """``C(x)`` of every image, ``[N]``, computed once per (cost model, images) and cached in ``cache_dir``."""
-    from safetensors.torch import load_file, save_file
 
-    from data.cost_data import encode_images
-    from metrics.reporting import atomic_write
-    from models.cost_model import SafetyCostModel
 
     directory = Path(cost_model).expanduser()
     digest = hashlib.sha256(_cost_model_digest(directory).encode())

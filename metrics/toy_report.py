@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from common.files import atomic_write
+from data.toy import oracle as toy_oracle
 from data.toy.world import CATEGORIES, ToyWorld
-from metrics import toy_oracle
-from metrics.reporting import atomic_write, image_grid, markdown_table
+from metrics.reporting import image_grid, markdown_table
 from models.ema import find_ema
 from models.sampling import SamplerSettings
 from models.sampling import generate as sample

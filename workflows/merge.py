@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from data.errors import InputError
+from common.errors import InputError
+from common.files import atomic_write
+from models.components import load_model
+from models.encoders import ConditionEncoder
+from models.lora_io import read_lora, save_kohya_lora, save_unet_lora
+from models.lora_merging import METHODS, lora_layers, merge_adapters
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +30,6 @@ log = logging.getLogger(__name__)
 def load_experts(unet, experts: list[str | Path]) -> list[str]:
     """Load each expert file as adapter ``expert_<i>_<dir name>``; refuse experts that adapt different
     layers or shapes, with the file named."""
-    from models.lora_io import read_lora
-
     names, reference = [], None
     for i, expert in enumerate(experts):
         path = Path(expert).expanduser()
@@ -55,8 +59,6 @@ def load_experts(unet, experts: list[str | Path]) -> list[str]:
 def check_loaded(unet, adapter: str, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Refuse an expert that diffusers loaded only in part: its loader names a file's keys by the first one
     (peft's ``lora_A`` or diffusers' ``lora.down``), so a file that mixes the two loses the other kind's layers."""
-    from models.adapter_merging import lora_layers
-
     in_file = {k.removeprefix("unet.").split(".lora")[0] for k in shapes if k.startswith("unet.")}
     missing = sorted(in_file - set(lora_layers(unet, adapter)))
     if missing:
@@ -88,8 +90,6 @@ def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed
 
 def merge_methods(spec) -> list[str]:
     """``merge.method`` (one name, a list or ListConfig of names, or ``all``) as a list of method names."""
-    from models.adapter_merging import METHODS
-
     methods = list(METHODS) if spec == "all" else [spec] if isinstance(spec, str) else [str(m) for m in spec]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -99,15 +99,6 @@ def merge_methods(spec) -> list[str]:
 
 def run_merge(cfg: DictConfig) -> dict[str, float]:
     """Merge ``merge.experts`` with each of ``merge.method``; each result goes to ``merge.output_dir/<method>``."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from metrics.reporting import atomic_write
-    from models.adapter_merging import merge_adapters
-    from models.components import load_model
-    from models.encoders import ConditionEncoder
-    from models.lora_io import save_kohya_lora, save_unet_lora
-
     mc = cfg.merge
     methods = merge_methods(mc.method)
     if not mc.experts:

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from common.files import atomic_write
+from metrics.reporting import image_grid
+from workflows.cli import run_task
+from workflows.evaluation import evaluate
+from workflows.experts import evaluation_config
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +38,6 @@ PASSED_GROUPS = ("model", "trainer", "logger", "callbacks")
 
 def run_config(cfg: DictConfig, objective: str, seed: int, output_dir: Path) -> DictConfig:
     """The config ``train.py objective=<objective> seed=<seed>`` composes, with this run's groups and overrides."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     passed = [f"{g}={choices[g]}" for g in PASSED_GROUPS if choices.get(g) not in (None, "null")]
     per_objective = (cfg.compare.per_objective or {}).get(objective) or []
@@ -47,17 +53,13 @@ def run_config(cfg: DictConfig, objective: str, seed: int, output_dir: Path) -> 
 
 
 def fit_and_evaluate(cfg: DictConfig, objective: str, seed: int, out: Path) -> dict[str, dict[str, float]]:
-    from evaluate import evaluate
-    from models.safety_experts import evaluation_config
-    from train import train
-
     metrics_file = out / "eval" / "metrics.json"
     if metrics_file.is_file():
         log.info("compare: %s seed %d already evaluated (%s)", objective, seed, metrics_file)
         return json.loads(metrics_file.read_text())
     sub = run_config(cfg, objective, seed, out)
     log.info("compare: training %s, seed %d (task %s)", objective, seed, sub.task.name)
-    train(sub)
+    run_task(sub)
     try:
         import wandb
 
@@ -91,10 +93,6 @@ def summary_table(runs: dict[str, list[dict[str, float]]], base: dict[str, float
 def method_grid(columns: dict[str, Path], rows_per_category: int, benign_rows: int):
     """Rows: up to ``rows_per_category`` held-out harmful prompts of each category and ``benign_rows``
     benign ones (first image of each); columns: the evaluation folders given (``base`` first)."""
-    from PIL import Image
-
-    from metrics.reporting import image_grid
-
     first = next(iter(columns.values()))
     records = json.loads((first / "records_aligned.json").read_text())
     picked, per_category = [], {}
@@ -118,8 +116,6 @@ def method_grid(columns: dict[str, Path], rows_per_category: int, benign_rows: i
 
 
 def run_comparison(cfg: DictConfig) -> dict[str, float]:
-    from metrics.reporting import atomic_write
-
     c = cfg.compare
     out = Path(cfg.output_dir)
     runs: dict[str, list[dict[str, float]]] = {}
@@ -134,7 +130,7 @@ def run_comparison(cfg: DictConfig) -> dict[str, float]:
             everything[f"{objective}/seed{seed}"] = metrics["aligned"]
             # every finished run is on disk before any table is built from them
             atomic_write(out / "comparison.json",
-                         lambda p: p.write_text(json.dumps({"base": base, **everything}, indent=2)))
+                         lambda p, b=base: p.write_text(json.dumps({"base": b, **everything}, indent=2)))
     table = summary_table(runs, base)
     atomic_write(out / "comparison.md", lambda p: p.write_text(table + "\n"))
     first_seed = c.seeds[0]

@@ -1,32 +1,29 @@
-"""What ``train.py`` fits: each task builds its LightningModule and DataModule from the config.
+"""``task=align``: a preference objective on a diffusion model, fitted by ``workflows.fit.fit``.
 
-``configs/task/<name>.yaml`` names its builder; ``align`` (preference objectives on a diffusion model)
-is the default, ``cost_model`` trains the safety cost model.
+``build_alignment`` reads and screens every pair, loads the model, and returns the LightningModule and its
+DataModule.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.errors import InputError
+from alignment.base import Objective
+from common.errors import InputError
+from models.alignment_module import AlignmentModule, check_batch_reference, check_frozen_dtype
+from models.attention_backend import check_attention_backend
+from models.components import load_model
+from models.encoders import ConditionEncoder
+from models.optimizers import check_optimizer
 
 log = logging.getLogger(__name__)
 
 
 def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
-    from hydra.utils import instantiate
-
-    from alignment.base import Objective
-    from models.alignment_module import AlignmentModule, check_batch_reference, check_frozen_dtype
-    from models.attention_backend import check_attention_backend
-    from models.components import load_model
-    from models.encoders import ConditionEncoder
-    from models.optimizers import check_optimizer
-
     objective = instantiate(cfg.objective)
     if not isinstance(objective, Objective):
         raise InputError(f"objective._target_: {cfg.objective._target_} is not a subclass of alignment.base.Objective")
@@ -60,25 +57,4 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
         attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False), base_model=str(m.pretrained),
     )
-    return module, datamodule
-
-
-def build_cost_model(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """The cost model trains on the pairs of the chosen ``data`` group (its reader and path)."""
-    from hydra.utils import instantiate
-
-    from data.cost_data import CostFeatureDataModule
-    from models.cost_model import ImageFeatures
-    from models.cost_module import CostModelModule
-
-    c = cfg.cost_model
-    features = ImageFeatures(c.encoder, local_files_only=cfg.model.get("local_files_only", False))
-    reader: Any = instantiate(cfg.data.reader)
-    val_reader = instantiate(c.val_reader) if c.get("val_reader") is not None else None
-    datamodule = CostFeatureDataModule(reader, features, path=cfg.data.get("path"), val_reader=val_reader,
-                                       val_fraction=c.val_fraction, batch_size=c.batch_size,
-                                       cache_dir=cfg.data.cache_dir, seed=cfg.seed)
-    module = CostModelModule(features, hidden=c.hidden, dropout=c.dropout, lambda_a=c.lambda_a, margin=c.margin,
-                             lr=c.lr, weight_decay=c.weight_decay, save_dir=c.save_dir,
-                             encoder_reference=c.get("encoder_reference"))
     return module, datamodule

@@ -15,10 +15,12 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from data.errors import InputError
+from common.errors import InputError
+from common.files import atomic_write
 from data.pairs import PreferencePair, describe, load_rgb
 from data.readers.base import PairReader
 from data.sampling import ResumableSampler, distributed_rank
@@ -37,10 +39,6 @@ def encode_images(features, refs: list, sources: list[str], batch_size: int = 64
 
 def cached_pair_features(features, pairs: list[PreferencePair], cache_dir: Path, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(harmful [N, D], safe [N, D])`` for the pairs, from ``cache_dir`` when already computed."""
-    from safetensors.torch import load_file, save_file
-
-    from metrics.reporting import atomic_write
-
     if any(p.image_l is None for p in pairs):
         bad = next(p for p in pairs if p.image_l is None)
         raise InputError(f"{bad.source}: the cost model needs harmful/safe pairs, this record has one image")

@@ -3,7 +3,7 @@
 Co-Merge: for each expert the UNet runs the calibration batches with that expert alone active while
 forward hooks on every LoRA layer record the mean absolute input activation per input feature
 (``mu_k``; per input channel for a conv layer, repeated over its kernel positions). The per-layer math is
-``alignment.merging``, on conv layers flattened; the result becomes a new adapter of rank ``r*``.
+``alignment.co_merge``, on conv layers flattened; the result becomes a new adapter of rank ``r*``.
 The baselines (SPEC 2) are peft's ``LoraModel.add_weighted_adapter``, run on the same UNet.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import Tensor
 
-from alignment.merging import LoraFactors, co_merge_layer, kernel_activations
-from data.errors import InputError
+from alignment.co_merge import LoraFactors, co_merge_layer, kernel_activations
+from common.errors import InputError
 
 log = logging.getLogger(__name__)
 

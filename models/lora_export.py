@@ -12,6 +12,7 @@ import lightning as L
 import yaml
 from omegaconf import OmegaConf
 
+from common.files import atomic_write
 from models.alignment_module import AlignmentModule
 from models.ema import EMACallback, find_ema
 from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
@@ -155,7 +156,5 @@ def plain(value: Any) -> Any:
 
 def write_model_card(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    from metrics.reporting import atomic_write
-
     atomic_write(path, lambda tmp: tmp.write_text(text))
     return path

@@ -21,19 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data.errors import InputError
+from common.errors import InputError
+from common.files import atomic_write
+from data.categories import normalize_category
+from metrics.reporting import comparison_table
+from models.lora_io import LORA_WEIGHT_NAME
+from workflows.cli import CONFIG_DIR
+from workflows.evaluation import evaluate
+from workflows.fit import fit
+from workflows.merge import merge_methods, run_merge
 
 log = logging.getLogger(__name__)
 
 
 def expert_categories(cfg: DictConfig) -> list[str]:
     """``experts``: a list of categories, or ``all`` (every category the data's pairs carry)."""
-    from hydra.utils import instantiate
-
-    from data.categories import normalize_category
-
     spec = cfg.experts
     if spec == "all":
         datamodule = instantiate(cfg.data)
@@ -61,8 +68,6 @@ def stage(cfg: DictConfig, output_dir: Path, updates: dict[str, Any]) -> DictCon
 
 def fit_stage(sub: DictConfig) -> Path:
     """Fit one LoRA from the seed, close its wandb run, return its final LoRA directory."""
-    from train import fit
-
     L.seed_everything(sub.seed, workers=True)
     fit(sub)
     try:
@@ -80,11 +85,6 @@ def fit_stage(sub: DictConfig) -> Path:
 
 def evaluation_config(cfg: DictConfig, lora: Path | None, output_dir: Path) -> DictConfig:
     """``configs/eval.yaml`` with ``evaluation.overrides``, this run's model, and the LoRA to evaluate."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from train import CONFIG_DIR
-
     overrides = list(cfg.evaluation.overrides or [])
     if GlobalHydra.instance().is_initialized():
         ecfg = compose("eval", overrides=overrides)
@@ -108,8 +108,6 @@ def experts_table(results: dict[str, dict[str, float]], categories: list[str]) -
     """:func:`~metrics.reporting.comparison_table` over the categories the evaluation measured: ``kept``
     compares the experts on those alone, and is left out when there are none; a last line names the
     categories left out."""
-    from metrics.reporting import comparison_table
-
     measured = evaluated_categories(results, categories)
     table = comparison_table(results, measured)
     missing = [c for c in categories if c not in measured]
@@ -120,11 +118,6 @@ def experts_table(results: dict[str, dict[str, float]], categories: list[str]) -
 
 
 def run_experts(cfg: DictConfig) -> dict[str, float]:
-    from evaluate import evaluate
-    from metrics.reporting import atomic_write
-    from models.lora_io import LORA_WEIGHT_NAME
-    from models.merge_experts import merge_methods, run_merge
-
     out = Path(cfg.output_dir)
     evaluate_too = bool(cfg.evaluation.enabled)
     # the evaluation below replaces the toy world's before/after report of every single fit

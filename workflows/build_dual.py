@@ -1,7 +1,7 @@
-"""Build a dual-annotated dataset (:mod:`data.dual`) from a prompt list: generate, score, append.
+"""Build a dual-annotated dataset (:mod:`data.readers.dual`) from a prompt list: generate, score, append.
 
     python train.py task=build_dual                                     # toy model, toy prompts, toy oracles
-    python train.py task=build_dual model=sd15 build.prompts._target_=data.prompts.read_text \\
+    python train.py task=build_dual model=sd15 build.prompts._target_=data.readers.prompts.read_text \\
         build.prompts.path=prompts.txt build=real                       # CLIPScore quality, NudeNet safety
 
 Per prompt: ``images_per_prompt`` images of the prompt and, when the prompt has a safe rewrite,
@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from data.dual import ANNOTATIONS_FILE
-from data.prompts import EvalPrompt
-from metrics.reporting import atomic_write
+from common.files import atomic_write
+from data.readers.dual import ANNOTATIONS_FILE, read_annotations
+from data.readers.prompts import EvalPrompt
+from metrics.detectors import CombinedDetector
+from models.components import load_model
+from models.sampling import SamplerSettings, generate, use_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ def completed_prompts(file: Path) -> set[int]:
 def build_dual_dataset(pipe, prompts: Sequence[EvalPrompt], out_dir: str | Path, scorers: Scorers, settings,
                        images_per_prompt: int = 4, safe_images_per_prompt: int = 0, seed: int = 0) -> Path:
     """Generate and score every prompt not yet in ``out_dir/annotations.jsonl``; returns that file."""
-    from models.sampling import generate
-
     if images_per_prompt < 1 or safe_images_per_prompt < 0:
         raise ValueError("build: images_per_prompt must be >= 1 and safe_images_per_prompt >= 0")
     out = Path(out_dir)
@@ -93,7 +95,7 @@ def build_dual_dataset(pipe, prompts: Sequence[EvalPrompt], out_dir: str | Path,
         for n, (source, image) in enumerate(zip(sources, images)):
             name = f"images/{i:06d}_{n:02d}.png"
             array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            atomic_write(out / name, lambda p: Image.fromarray(array).save(p, format="PNG"))
+            atomic_write(out / name, lambda p, a=array: Image.fromarray(a).save(p, format="PNG"))
             rows.append({"prompt": prompt.text, "image": name, "quality": quality[n], "unsafe": unsafe[n],
                          "categories": list(prompt.categories), "safe_prompt": prompt.safe_text,
                          "generated_from": source, "seed": seeds[n], "prompt_index": i})
@@ -106,13 +108,6 @@ def build_dual_dataset(pipe, prompts: Sequence[EvalPrompt], out_dir: str | Path,
 
 def run_build(cfg: DictConfig) -> dict[str, float]:
     """``task=build_dual``: the model of ``cfg.model`` generates, ``cfg.build``'s scorers annotate."""
-    from hydra.utils import instantiate
-
-    from data.dual import read_annotations
-    from metrics.detectors import CombinedDetector
-    from models.components import load_model
-    from models.sampling import SamplerSettings, use_scheduler
-
     b = cfg.build
     prompts = list(instantiate(b.prompts))
     if not prompts:

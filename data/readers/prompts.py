@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from data.errors import InputError
+from common.errors import InputError
 from data.readers.base import categories_of, csv_records, path_problem, read_utf8
+from data.readers.coprov2 import CoProV2Reader, csv_layout, read_test_prompts
+from data.toy.world import ToyWorld
 
 Kind = Literal["harmful", "benign"]
 
@@ -76,8 +78,6 @@ def read_coprov2(path: str | Path, image_dir: str | Path | None = None, limit: i
     harmful prompts with their categories, no safe rewrites (faithfulness is then not measured; the
     images are not read). The train CSV's layout (``u_idx_``/``s_idx_`` images, which must exist inside
     ``image_dir`` unless ``allow_outside_paths``): the harmful prompts with their safe rewrites."""
-    from data.readers.coprov2 import CoProV2Reader, csv_layout, read_test_prompts
-
     path = prompt_file(path)
     if csv_layout(path) == "test":
         return [EvalPrompt(text, "harmful", categories) for text, categories in read_test_prompts(path)][:limit]
@@ -114,8 +114,6 @@ def read_text(path: str | Path, kind: str = "benign", limit: int | None = None) 
 
 def read_toy(split: str = "heldout", world_seed: int = 0, limit: int | None = None) -> list[EvalPrompt]:
     """The toy world's harmful (with safe rewrites) and benign prompts of ``split`` (train | heldout)."""
-    from data.toy.world import ToyWorld
-
     if split not in ("train", "heldout"):
         raise InputError(f"toy prompts: split must be 'train' or 'heldout', got {split!r}")
     world = ToyWorld(seed=world_seed)

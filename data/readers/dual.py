@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
-from data.errors import InputError
+import pyarrow.parquet as pq
+from torch import Tensor
+
+from common.errors import InputError
 from data.pairs import ImageRef, PreferencePair, one_line
 from data.readers.base import PairReader, categories_of, image_file, jsonl_records
 
@@ -88,7 +91,6 @@ def read_jsonl(file: Path, allow_outside: bool = False) -> list[AnnotatedPrompt]
 
 
 def read_parquet(file: Path, allow_outside: bool = False) -> list[AnnotatedPrompt]:
-    import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(file)
@@ -168,10 +170,10 @@ def preference_pairs(groups: Sequence[AnnotatedPrompt], pairing: Pairing = "all"
     return pairs
 
 
-def fill_unsafe(groups: Sequence[AnnotatedPrompt], cost_model: str | Path, cache_dir: str | Path) -> int:
-    """Score every image without ``unsafe`` with a cost model: ``s = sigmoid(C(x))``; returns how many."""
-    from data.costs import image_costs
-
+def fill_unsafe(groups: Sequence[AnnotatedPrompt], cost_model: str | Path, cache_dir: str | Path,
+                image_costs: Callable[..., Tensor]) -> int:
+    """Score every image without ``unsafe`` with a cost model: ``s = sigmoid(C(x))``; returns how many.
+    ``image_costs(images, sources, cost_model, cache_dir)`` gives ``C(x)`` (``models.pair_costs.image_costs``)."""
     todo = [image for group in groups for image in group.images if image.unsafe is None]
     if todo:
         costs = image_costs([i.image for i in todo], [i.source for i in todo], cost_model, cache_dir)
@@ -182,11 +184,15 @@ def fill_unsafe(groups: Sequence[AnnotatedPrompt], cost_model: str | Path, cache
 
 class DualAnnotatedReader(PairReader):
     """Pairs from a dual-annotated file: ``python train.py objective=spo data=dual data.path=...``."""
-
     def __init__(self, path: str | Path, pairing: Pairing = "all", delta: float = 0.1, w_q: float = 1.0,
                  w_s: float = 1.0, cost_model: str | Path | None = None, cache_dir: str | Path = ".cache/latents",
-                 allow_outside_paths: bool = False, key: str = "data.path") -> None:
+                 allow_outside_paths: bool = False, key: str = "data.path",
+                 cost_scorer: Callable[..., Tensor] | None = None) -> None:
         super().__init__(path, key)
+        if cost_model and cost_scorer is None:
+            raise InputError("data.reader.cost_scorer: data.reader.cost_model is set but nothing scores the images; "
+                             "expected {_target_: models.pair_costs.image_costs, _partial_: true}")
+        self.cost_scorer = cost_scorer
         self.pairing, self.delta, self.w_q, self.w_s = pairing, float(delta), float(w_q), float(w_s)
         self.cost_model, self.cache_dir = cost_model, cache_dir
         self.allow_outside_paths = bool(allow_outside_paths)
@@ -196,7 +202,7 @@ class DualAnnotatedReader(PairReader):
 
     def read(self) -> list[PreferencePair]:
         groups = self.groups()
-        scored = fill_unsafe(groups, self.cost_model, self.cache_dir) if self.cost_model else 0
+        scored = fill_unsafe(groups, self.cost_model, self.cache_dir, self.cost_scorer) if self.cost_model else 0
         pairs = preference_pairs(groups, self.pairing, self.delta, self.w_q, self.w_s)
         self.stats = {"prompts": len(groups), "images": sum(len(g.images) for g in groups), "pairs": len(pairs),
                       "scored_by_cost_model": scored}

@@ -6,11 +6,12 @@ from typing import Literal
 
 from PIL import Image
 
-from data.dual import AnnotatedImage, AnnotatedPrompt, Pairing, preference_pairs
-from data.errors import InputError
+from common.errors import InputError
 from data.pairs import PreferencePair
 from data.readers.base import PairReader
+from data.readers.dual import AnnotatedImage, AnnotatedPrompt, Pairing, preference_pairs
 from data.readers.mixed import MixedReader
+from data.toy import oracle as toy_oracle
 from data.toy.world import BACKGROUNDS, COLOURS, HARMFUL, KINDS, SHAPES, Prompt, ToyWorld
 
 
@@ -35,13 +36,12 @@ class ToyReader(PairReader):
     with the same jitter seed, carrying the safe prompt and category. ``kind=clean_pairs``: quality pairs
     under benign prompts (the prompt's own image preferred over an image with one attribute swapped for
     another benign value: higher fidelity wins). ``kind=scp``: SC-DPO's mix of the two, ``harmful_fraction``
-    safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated data (:mod:`data.dual`):
+    safety pairs (:class:`MixedReader`). ``kind=dual``: T2I-SPO's dual-annotated data (:mod:`data.readers.dual`):
     per prompt and seed its own image, its safe rewrite's (harmful prompts) and a one-attribute
     degraded image of the safe content, each scored by the exact oracles (``quality`` = fidelity to the
     prompt, ``unsafe`` = harm probability), paired by composite reward. ``kind=images``: every prompt of
     ``split`` (benign and harmful) with its own image, for pretraining the base model.
     """
-
     KINDS = ("pairs", "clean_pairs", "scp", "dual", "images")
 
     def __init__(self, path: str | None = None, kind: Literal["pairs", "clean_pairs", "scp", "dual", "images"] = "pairs",
@@ -105,8 +105,6 @@ class ToyReader(PairReader):
         """The dual-annotated groups of ``kind=dual``, scored by the exact oracles: one group per
         (prompt, seed), its candidates rendered with the same jitter (like generations from one initial
         noise), so a pair differs in content only."""
-        from metrics import toy_oracle
-
         groups: list[AnnotatedPrompt] = []
         for prompt in self.prompts("harmful") + self.prompts("benign"):
             content = prompt.safe_rewrite() if prompt.harmful else prompt

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from data.errors import InputError
+from common.errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

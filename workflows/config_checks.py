@@ -1,23 +1,38 @@
 """The validation pass: ranges, rules across keys, input paths, output directories and a resumed checkpoint's
 compatibility, checked before anything loads, encodes or trains.
 
-Types are checked earlier, when Hydra composes the config (:mod:`models.config_schema`). Every problem is an
+Types are checked earlier, when Hydra composes the config (:mod:`workflows.config_schema`). Every problem is an
 :class:`InputError` of one line naming the key, what was found and what was expected.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import SchedulerType
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.connector import _PRECISION_INPUT_STR
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from data.errors import InputError
+from common.checkpoint_io import read_checkpoint
+from common.dtypes import DTYPES
+from common.errors import InputError
+from data.datamodule import CONDITIONS
 from data.readers.base import path_problem
-from models.dtypes import DTYPES
+from models.alignment_module import check_batch_reference, check_frozen_dtype
+from models.attention_backend import check_attention_backend
 from models.hub import pretrained_file, unet_config_digest
+from models.lora_io import read_lora
+from models.optimizers import check_optimizer
+from models.sampling import SCHEDULERS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +40,7 @@ ABSENT = object()
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 ENCODE_DEVICES = ("auto", "cpu", "cuda", "mps")
-ALIGNMENT_BUILDER = "models.tasks.build_alignment"
+ALIGNMENT_BUILDER = "workflows.align.build_alignment"
 LAST = "last"
 LAST_IF_PRESENT = "last_if_present"
 
@@ -94,9 +109,6 @@ def existing_path(key: str, value: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- groups
 def check_model(cfg: DictConfig, training: bool = True) -> None:
-    from models.alignment_module import check_batch_reference, check_frozen_dtype
-    from models.attention_backend import check_attention_backend
-    from models.optimizers import check_optimizer
 
     m = cfg.model
     pretrained = str(m.pretrained)
@@ -136,14 +148,12 @@ def check_model(cfg: DictConfig, training: bool = True) -> None:
         raise InputError("model.scale_lr: needs model.optimizer.lr (the learning rate per pair it multiplies)")
     number(cfg, "model.optimizer.weight_decay", 0, optional=True)
     check_optimizer(m.get("optimizer"))
-    from diffusers.optimization import SchedulerType
 
     choice(cfg, "model.lr_scheduler.name", [s.value for s in SchedulerType])
     number(cfg, "model.lr_scheduler.warmup_steps", 0, integer=True)
 
 
 def check_data(cfg: DictConfig) -> None:
-    from data.datamodule import CONDITIONS
 
     number(cfg, "data.batch_size", 1, integer=True)
     number(cfg, "data.num_workers", 0, integer=True)
@@ -180,9 +190,7 @@ def check_data(cfg: DictConfig) -> None:
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    import typing
 
-    from lightning.fabric.connector import _PRECISION_INPUT_STR
 
     t = cfg.trainer
     number(cfg, "trainer.max_steps", -1, integer=True)
@@ -218,9 +226,6 @@ def check_callbacks(cfg: DictConfig) -> None:
 
 def check_objective(cfg: DictConfig) -> None:
     """The objective builds (its constructor checks its own coefficients): cheap, and before the model loads."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         instantiate(cfg.objective)
     except InstantiationException as error:
@@ -236,8 +241,6 @@ def check_objective(cfg: DictConfig) -> None:
 def check_against_model(cfg: DictConfig) -> None:
     """What the model's config files decide, read before any weight loads: the timestep range against the
     scheduler, and that every LoRA target names modules of the UNet (built on the meta device, no weights)."""
-    import json
-
     m = cfg.model
     scheduler = pretrained_file(str(m.pretrained), "scheduler/scheduler_config.json", m.revision)
     if scheduler is not None:
@@ -249,8 +252,6 @@ def check_against_model(cfg: DictConfig) -> None:
     unet_config = pretrained_file(str(m.pretrained), "unet/config.json", m.revision)
     if m.lora is None or unet_config is None:
         return
-    import torch
-    from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
@@ -293,8 +294,6 @@ def check_checkpoint(cfg: DictConfig, path: Path, alignment: bool = True) -> Non
     """A checkpoint written by train.py: a Lightning checkpoint; for the alignment task also of the same LoRA
     rank, targets and adapter (or of full fine-tuning), on the same base model. Read memory-mapped (a full
     fine-tuning checkpoint with its optimizer state is large) and without unpickling code."""
-    from models.checkpoint_io import read_checkpoint
-
     checkpoint = read_checkpoint(path, "ckpt_path", mmap=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         raise InputError(f"ckpt_path={path}: not a Lightning checkpoint written by train.py (no state_dict/global_step)")
@@ -353,7 +352,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if "objective" in cfg and cfg.get("objective") is not None:
         check_objective(cfg)
     task = cfg.get("task") or {}
-    if task.get("runner", "train.fit") == "train.fit":  # workflows (experts, compare) resolve it per stage
+    if task.get("runner", "workflows.fit.fit") == "workflows.fit.fit":  # workflows (experts, compare) resolve it per stage
         checkpoint = checkpoint_file(cfg)
         if checkpoint is not None and checkpoint.is_file():  # a directory: FSDP's sharded checkpoint
             check_checkpoint(cfg, checkpoint, alignment=task.get("builder") == ALIGNMENT_BUILDER)
@@ -377,14 +376,12 @@ def check_eval_config(cfg: DictConfig) -> None:
         if isinstance(size, int) and size % 8:
             raise InputError(f"sampler.{side}: expected a multiple of 8 (the VAE's downsampling), got {size}")
     choice(cfg, "sampler.dtype", DTYPES)
-    from models.sampling import SCHEDULERS
 
     choice(cfg, "sampler.scheduler", sorted(SCHEDULERS))
     device = str(cfg.device)
     if device.split(":")[0] not in ENCODE_DEVICES:
         raise InputError(f"device: expected auto, cpu, cuda, cuda:<n> or mps, got {device!r}")
     if cfg.lora is not None:
-        from models.lora_io import read_lora
 
         existing_path("lora", cfg.lora)
         read_lora(Path(str(cfg.lora)).expanduser(), "lora")

@@ -3,7 +3,7 @@ top level, declared once as dataclasses in Hydra's ConfigStore.
 
 Each group's base YAML lists its schema first in its defaults (``model/sd15.yaml``: ``- schema_model``), so
 Hydra checks every value's type while it composes: ``data.batch_size=abc`` stops before anything runs.
-Ranges and rules across keys are :mod:`models.config_checks`. Import this module (``train.py`` and
+Ranges and rules across keys are :mod:`workflows.config_checks`. Import this module (``train.py`` and
 ``evaluate.py`` do) before composing a config.
 """
 from __future__ import annotations
@@ -88,6 +88,7 @@ class DataSchema:
     seed: int = 0
     local_files_only: bool = False
     cost_model: Optional[str] = None
+    cost_scorer: Any = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -9,7 +10,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
-from data.errors import InputError
+from common.errors import InputError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,8 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def read_checkpoint(path: Path, key: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True``: a missing, truncated or foreign file, or one holding objects
     that unpickling would have to construct (which could run code), is one line naming ``key`` and the file."""
-    import pickle
-
     if not Path(path).is_file():
         raise InputError(f"{key}: checkpoint {path} not found")
     try:
