@@ -1,6 +1,6 @@
 """The contract between the training loop and every alignment objective.
 
-An objective sees only per-sample denoising errors (SPEC section 1) and per-pair metadata; it never
+An objective sees only per-sample denoising errors (docs/methods/diffusion-dpo.md) and per-pair metadata; it never
 touches a model. That keeps each loss a pure function that tests can check by hand, and lets a new
 objective plug in by ``_target_`` without a change to the training loop.
 """
@@ -86,7 +86,7 @@ def coefficient(name: str, value: Any, positive: bool = False) -> float:
 
 
 def _standard_metrics(errors: PairErrors) -> dict[str, Tensor]:
-    """The per-step diagnostics of SPEC section 1 that do not depend on the objective."""
+    """The per-step diagnostics of docs/methods/diffusion-dpo.md that do not depend on the objective."""
     out = {"mse_w": errors.policy_w.detach().mean()}
     if errors.policy_l is not None:
         out["mse_l"] = errors.policy_l.detach().mean()
@@ -97,7 +97,7 @@ def _standard_metrics(errors: PairErrors) -> dict[str, Tensor]:
 
 
 def add_sft_term(loss: Tensor, metrics: dict[str, Tensor], errors: PairErrors, weight: float) -> Tensor:
-    """``loss + weight * mean(e_theta(x_w))``: the ``sft`` loss on winners as a regularizer (SPEC 1.1);
+    """``loss + weight * mean(e_theta(x_w))``: the ``sft`` loss on winners as a regularizer (docs/methods/diffusion-dpo.md);
     logs it as ``sft_term``. Returns ``loss`` unchanged when ``weight`` is 0."""
     if not weight:
         return loss

@@ -1,4 +1,4 @@
-"""Co-Merge of LoRA safety experts (SPEC 2), as pure tensor math on one adapted layer at a time.
+"""Co-Merge of LoRA safety experts (docs/methods/safetydpo.md), as pure tensor math on one adapted layer at a time.
 
 Per layer, expert ``k`` contributes ``dW_k = (alpha_k / r_k) B_k A_k`` and a calibration statistic
 ``mu_k[j] = E|h_j|``, the mean absolute input activation of feature ``j`` with expert ``k`` alone active.

@@ -1,4 +1,4 @@
-"""Losses of the safety cost model (SPEC 3): contrastive ordering and cost anchoring."""
+"""Losses of the safety cost model (docs/methods/cost-model.md): contrastive ordering and cost anchoring."""
 from __future__ import annotations
 
 import torch.nn.functional as F

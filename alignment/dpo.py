@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2023), SPEC 1.2."""
+"""Diffusion-DPO (Wallace et al. 2023), docs/methods/diffusion-dpo.md."""
 from __future__ import annotations
 
 from typing import Any, Literal, Mapping
@@ -14,7 +14,7 @@ class DPO(Objective):
     """``sigmoid``: ``-log sigmoid(h)``; ``hinge``: ``relu(1 - h)``; ``ipo``: ``(-(d_w - d_l) - 1/(2 beta))^2``.
 
     ``sft_weight`` adds ``sft_weight * mean(e_theta(x_w))``, the ``sft`` loss on the winners as a
-    regularizer (SPEC 1.1): preference losses alone can be lowered by pushing the loser away without
+    regularizer (docs/methods/diffusion-dpo.md): preference losses alone can be lowered by pushing the loser away without
     learning the winner, which on safety pairs leaves harmful prompts drawing something else broken.
     """
 

@@ -1,4 +1,4 @@
-"""Safety-Constrained DPO with the Dynamic Focusing Mechanism (SPEC 4.1)."""
+"""Safety-Constrained DPO with the Dynamic Focusing Mechanism (docs/methods/scdpo.md)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: the plain diffusion loss on target images (SPEC 1.1)."""
+"""Supervised fine-tuning: the plain diffusion loss on target images (docs/methods/diffusion-dpo.md)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -1,4 +1,4 @@
-"""T2I-SPO, Synergistic Preference Optimization on a composite safety+quality reward (SPEC 4.2)."""
+"""T2I-SPO, Synergistic Preference Optimization on a composite safety+quality reward (docs/methods/spo.md)."""
 from __future__ import annotations
 
 from typing import Any, Mapping

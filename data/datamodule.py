@@ -65,7 +65,7 @@ class CachedPairDataset(Dataset):
 
 
 def condition_pairs(pairs: list[PreferencePair], condition_on: str) -> list[PreferencePair]:
-    """The prompts a pair is trained under (SPEC 2): its own (``unsafe``), its safe rewrite (``safe``),
+    """The prompts a pair is trained under (docs/methods/safetydpo.md): its own (``unsafe``), its safe rewrite (``safe``),
     or both (each pair twice). The safe rewrite is required for ``safe`` and ``both``."""
     if condition_on == "unsafe":
         return pairs

@@ -1,4 +1,4 @@
-"""Unsafe-probability detectors ``p(x)`` (SPEC 5.1) and their combination by ``max``.
+"""Unsafe-probability detectors ``p(x)`` (docs/evaluation.md) and their combination by ``max``.
 
 A detector maps images ``[N, 3, H, W]`` in [0, 1] to ``{category: p [N]}``; the combined ``p(x)`` is
 the max over detectors and categories. New detectors (the safety cost model, a user's classifier)

@@ -1,4 +1,4 @@
-"""Per-image prompt fidelity ``q(c, x)`` (SPEC 5.3) and the CLIPScore / FID metrics (SPEC 5.4).
+"""Per-image prompt fidelity ``q(c, x)`` (docs/evaluation.md) and the CLIPScore / FID metrics (docs/evaluation.md).
 
 A fidelity scorer maps ``(prompts, images [N, 3, H, W] in [0, 1])`` to ``q [N]``; UAS divides it by
 the base model's mean, so its scale does not matter.

@@ -1,4 +1,4 @@
-"""Inappropriate Probability and NudeNet exposed-part counts (SPEC 5.2) as torchmetrics Metrics.
+"""Inappropriate Probability and NudeNet exposed-part counts (docs/evaluation.md) as torchmetrics Metrics.
 
 States are sums reduced with ``sum``: exact under DDP whatever the sharding of the prompts.
 """

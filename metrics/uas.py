@@ -1,4 +1,4 @@
-"""The Unified Alignment Score (SPEC 5.3) as a torchmetrics Metric.
+"""The Unified Alignment Score (docs/evaluation.md) as a torchmetrics Metric.
 
 Every state is a sum (of flags, of scores, of counts) reduced with ``sum``, so a metric updated on
 each DDP rank's shard of the prompts computes exactly what one process would on all of them.

@@ -1,6 +1,6 @@
 """The LightningModule shared by every objective: noising, policy/reference errors, optimization.
 
-Per SPEC section 1, each pair gets one timestep and one noise draw shared by winner and loser. The
+Per docs/methods/diffusion-dpo.md, each pair gets one timestep and one noise draw shared by winner and loser. The
 reference is the same UNet with its LoRA adapters disabled, so only one UNet is in memory; full
 fine-tuning keeps a frozen copy instead.
 """

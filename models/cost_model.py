@@ -1,4 +1,4 @@
-"""The safety cost model (SPEC 3): a frozen CLIP image encoder and a small MLP adapter to one scalar.
+"""The safety cost model (docs/methods/cost-model.md): a frozen CLIP image encoder and a small MLP adapter to one scalar.
 
 ``C(x) > 0`` means harmful; ``sigmoid(C(x))`` is the probability that ``x`` is harmful. Only the adapter
 trains, on encoder features computed once (``data/cost_features.py`` caches them). A saved cost model is
@@ -90,7 +90,7 @@ class SafetyCostModel(nn.Module):
         return self.adapter(self.features(images).to(next(self.adapter.parameters()).device)).cpu()
 
     def probability(self, images: Tensor | Sequence) -> Tensor:
-        """``sigmoid(C(x))``: the cost model as an unsafe-probability detector (SPEC 5.1)."""
+        """``sigmoid(C(x))``: the cost model as an unsafe-probability detector (docs/evaluation.md)."""
         return torch.sigmoid(self.cost(images))
 
     def save(self, directory: str | Path, encoder_reference: str | None = None) -> Path:

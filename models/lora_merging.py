@@ -4,7 +4,7 @@ Co-Merge: for each expert the UNet runs the calibration batches with that expert
 forward hooks on every LoRA layer record the mean absolute input activation per input feature
 (``mu_k``; per input channel for a conv layer, repeated over its kernel positions). The per-layer math is
 ``alignment.co_merge``, on conv layers flattened; the result becomes a new adapter of rank ``r*``.
-The baselines (SPEC 2) are peft's ``LoraModel.add_weighted_adapter``, run on the same UNet.
+The baselines (docs/methods/safetydpo.md) are peft's ``LoraModel.add_weighted_adapter``, run on the same UNet.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def co_merge_adapters(model: torch.nn.Module, experts: Sequence[str], run_calibr
     return errors
 
 
-# combination types of peft's add_weighted_adapter compared in SPEC 2 (all but cat end in one SVD)
+# combination types of peft's add_weighted_adapter compared in docs/methods/safetydpo.md (all but cat end in one SVD)
 PEFT_METHODS = ("linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 METHODS = ("co_merge",) + PEFT_METHODS
 

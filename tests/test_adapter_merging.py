@@ -1,4 +1,4 @@
-"""Merging on a real peft-adapted UNet: Co-Merge (calibration hooks, merged adapter) and the peft baselines (SPEC 2)."""
+"""Merging on a real peft-adapted UNet: Co-Merge (calibration hooks, merged adapter) and the peft baselines (docs/methods/safetydpo.md)."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel

@@ -1,4 +1,4 @@
-"""AlignmentModule: per-sample errors as SPEC section 1 defines them, the LoRA reference, optimization."""
+"""AlignmentModule: per-sample errors as docs/methods/diffusion-dpo.md defines them, the LoRA reference, optimization."""
 import copy
 
 import pytest
@@ -25,7 +25,7 @@ def perturb_lora(module: AlignmentModule, seed: int = 1) -> None:
 
 
 def manual_noise(scheduler, batch, seed):
-    """SPEC section 1 written out: one t and one eps per pair, shared by winner and loser."""
+    """docs/methods/diffusion-dpo.md written out: one t and one eps per pair, shared by winner and loser."""
     g = torch.Generator().manual_seed(seed)
     z_w = batch["latents_w"]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (z_w.shape[0],), generator=g)

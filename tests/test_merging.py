@@ -1,4 +1,4 @@
-"""Co-Merge math on hand-made expert LoRAs (SPEC 2)."""
+"""Co-Merge math on hand-made expert LoRAs (docs/methods/safetydpo.md)."""
 import pytest
 import torch
 

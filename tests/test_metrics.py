@@ -1,4 +1,4 @@
-"""Metrics against values computed by hand (SPEC 5)."""
+"""Metrics against values computed by hand (docs/evaluation.md)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Objective math against values computed by hand (SPEC 1.1, 1.2)."""
+"""Objective math against values computed by hand (docs/methods/diffusion-dpo.md)."""
 import math
 
 import pytest

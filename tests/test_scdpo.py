@@ -1,4 +1,4 @@
-"""SC-DPO and the cost model's losses against hand-computed values (SPEC 3, 4.1)."""
+"""SC-DPO and the cost model's losses against hand-computed values (docs/methods/cost-model.md, docs/methods/scdpo.md)."""
 import math
 
 import pytest

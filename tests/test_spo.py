@@ -1,4 +1,4 @@
-"""T2I-SPO (SPEC 4.2): the composite reward, pair construction on hand-made annotations, the loss, the
+"""T2I-SPO (docs/methods/spo.md): the composite reward, pair construction on hand-made annotations, the loss, the
 dual-annotated readers and the toy world's dual set."""
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""SafetyDPO (SPEC 2): one LoRA safety expert per harm category, merged into one LoRA, all evaluated.
+"""SafetyDPO (docs/methods/safetydpo.md): one LoRA safety expert per harm category, merged into one LoRA, all evaluated.
 
     python train.py objective=safetydpo                                  # toy world, every category
     python train.py objective=safetydpo data=coprov2 data.path=... experts=[hate,violence] model=sd15

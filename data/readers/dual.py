@@ -1,4 +1,4 @@
-"""Dual-annotated data (T2I-SPO / LibraAlign style, SPEC 4.2) and the pairs built from it.
+"""Dual-annotated data (T2I-SPO / LibraAlign style, docs/methods/spo.md) and the pairs built from it.
 
 One row per image, in JSONL or parquet, rows of one prompt grouped by their ``prompt`` text:
 

@@ -1,4 +1,4 @@
-"""SCP-style mixed data (SPEC 4.1): safety pairs under harmful prompts and quality pairs under clean
+"""SCP-style mixed data (docs/methods/scdpo.md): safety pairs under harmful prompts and quality pairs under clean
 prompts, at a configured ratio. Any two readers combine; the DataModule sees one list of pairs."""
 from __future__ import annotations
 

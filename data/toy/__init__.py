@@ -1,1 +1,1 @@
-"""The toy safety world: procedural prompts and images with exact ground truth (SPEC section 6)."""
+"""The toy safety world: procedural prompts and images with exact ground truth (docs/toy-world.md)."""

@@ -1,4 +1,4 @@
-"""The toy safety world (SPEC section 6): procedural images of one object, with exact ground truth.
+"""The toy safety world (docs/toy-world.md): procedural images of one object, with exact ground truth.
 
 An image shows one object with three attributes named by its prompt, ``"a <colour> <shape> on
 <background>"``. Six attributes are designated harmful, two per category; they are abstract stand-ins
