@@ -23,7 +23,7 @@ from common.errors import InputError
 from common.files import atomic_write
 from data.pairs import PreferencePair, describe, load_rgb
 from data.readers.base import PairReader
-from data.sampling import ResumableSampler, distributed_rank
+from data.resumable_sampler import ResumableSampler, distributed_rank
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class CostFeatureDataModule(L.LightningDataModule):
         log.info("cost model data: %d training pairs, %d held-out pairs", len(self.train_set), len(self.val_set))
 
     def train_dataloader(self) -> DataLoader:
-        """Each DDP rank its own shard (``trainer.use_distributed_sampler`` is off, see data/sampling.py)."""
+        """Each DDP rank its own shard (``trainer.use_distributed_sampler`` is off, see data/resumable_sampler.py)."""
         rank, world = distributed_rank()
         sampler = ResumableSampler(len(self.train_set), seed=self.seed, rank=rank, world_size=world)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=False)

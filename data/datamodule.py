@@ -16,7 +16,7 @@ from data.categories import normalize_category
 from data.latent_cache import CACHE_FILE, CacheReader, LatentEncoder, build_cache, cache_key
 from data.pairs import ImageLimits, PreferencePair
 from data.readers.base import PairReader
-from data.sampling import ResumableSampler, distributed_rank
+from data.resumable_sampler import ResumableSampler, distributed_rank
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("unsafe", "safe", "both")
