@@ -28,6 +28,7 @@ What is checked, and the conventions the docs follow so that it can be:
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import re
 import shlex
@@ -168,6 +169,19 @@ def override_sets(arguments: list[str]) -> tuple[list[list[str]], bool]:
     return sets, etc
 
 
+@functools.lru_cache(maxsize=None)
+def composition_problem(config_name: str, overrides: tuple[str, ...], etc: bool) -> str | None:
+    """Why ``overrides`` do not compose into a config that can run, or None; cached, as README and docs pages
+    show some commands twice."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        try:
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        except Exception as err:  # noqa: BLE001 - the message is the finding
+            return f"does not compose: {type(err).__name__}: {err}"
+    missing = [] if etc else unset_keys(cfg)
+    return f"leaves unset: {', '.join(missing)}" if missing else None
+
+
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[f"{w} {' '.join(a[:3])}" for w, a in COMMANDS])
 def test_documented_command_works(where, argv):
     assert argv[0] != "<unparsable>", f"{where}: not valid shell: {argv[1]}: {argv[2]}"
@@ -175,15 +189,9 @@ def test_documented_command_works(where, argv):
     if entry is not None:
         config_name, arguments = entry
         sets, etc = override_sets(arguments)
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-            for overrides in sets:
-                try:
-                    cfg = compose(config_name=config_name, overrides=overrides)
-                except Exception as err:  # noqa: BLE001 - the message is the finding
-                    pytest.fail(f"{where}: {' '.join(argv)}\n  does not compose: {type(err).__name__}: {err}")
-                if not etc:
-                    missing = unset_keys(cfg)
-                    assert not missing, f"{where}: {' '.join(argv)}\n  leaves unset: {', '.join(missing)}"
+        for overrides in sets:
+            problem = composition_problem(config_name, tuple(overrides), etc)
+            assert problem is None, f"{where}: {' '.join(argv)}\n  {problem}"
         return
     if argv[0] == "torchrun":
         pytest.fail(f"{where}: torchrun runs neither train.py nor evaluate.py: {' '.join(argv)}")
