@@ -84,7 +84,7 @@ def patch_stages(monkeypatch, fake: FakeStages) -> None:
 
 def test_experts_results_are_on_disk_before_the_table_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = composed("objective=safetydpo", "experts=[hate,violence]", "merge.method=[co_merge,cat]",
+    cfg = composed("task=experts", "objective=safetydpo", "experts=[hate,violence]", "merge.method=[co_merge,cat]",
                    f"output_dir={out}", "evaluation.overrides=['prompts=text']")
     names = ["expert_hate", "expert_violence", "merged_co_merge", "merged_cat"]
     first = FakeStages()

@@ -299,7 +299,7 @@ def test_valid_resumes_and_settings_pass_the_checks(tmp_path):
     sharded.mkdir(parents=True)
     torch.save({"global_step": 5}, sharded / "meta.pt")
     check_train_config(compose_train(tmp_path / "b", "ckpt_path=last"))
-    check_train_config(compose_train(tmp_path / "c", "objective=safetydpo", "ckpt_path=last"))
+    check_train_config(compose_train(tmp_path / "c", "task=experts", "objective=safetydpo", "ckpt_path=last"))
     for devices in ("'0,1'", "'2'", "auto", "-1"):
         check_train_config(compose_train(tmp_path / "d", f"trainer.devices={devices}"))
 
@@ -307,7 +307,8 @@ def test_valid_resumes_and_settings_pass_the_checks(tmp_path):
 def test_experts_stages_resume_each_from_its_own_last_checkpoint(tmp_path):
     from workflows.experts import stage
 
-    sub = stage(compose_train(tmp_path, "objective=safetydpo", "ckpt_path=last"), tmp_path / "experts" / "hate", {})
+    cfg = compose_train(tmp_path, "task=experts", "objective=safetydpo", "ckpt_path=last")
+    sub = stage(cfg, tmp_path / "experts" / "hate", {})
     assert sub.ckpt_path == "last_if_present" and sub.output_dir == str(tmp_path / "experts" / "hate")
 
 

@@ -189,8 +189,8 @@ def test_safetydpo_trains_one_expert_per_category_merges_and_compares(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "safetydpo"
-    result = run_train(out, "objective=safetydpo", "experts=[violence,hate]", "all_single=true", "logger=none",
-                       "trainer.max_steps=2", "data.batch_size=4", "data.reader.images_per_prompt=1",
+    result = run_train(out, "task=experts", "objective=safetydpo", "experts=[violence,hate]", "all_single=true",
+                       "logger=none", "trainer.max_steps=2", "data.batch_size=4", "data.reader.images_per_prompt=1",
                        "data.val_fraction=0", f"data.cache_dir={tmp_path / 'cache'}", "merge.method=[co_merge,svd]",
                        "merge.calibration_prompts=8",
                        f"evaluation.overrides=['images_per_prompt=1','cache_dir={tmp_path / 'eval_cache'}']")

@@ -2,8 +2,10 @@
 
     python train.py experiment=toy_method_compare      # dpo, safetydpo, scdpo, spo x 3 seeds on the toy world
 
-Each (objective, seed) is the run ``python train.py objective=<o> seed=<s> <compare.overrides>
-<compare.per_objective[o]>`` would make (so each objective keeps its recipe), in
+Each (objective, seed) is the run ``python train.py task=<t> objective=<o> seed=<s> <compare.overrides>
+<compare.per_objective[o]>`` would make, with the task that runs the objective (``experts`` for safetydpo,
+``align`` for the others: :func:`workflows.config_checks.objective_task`), so each objective keeps its recipe and
+the data train.yaml picks for it; in
 ``<output_dir>/runs/<o>/seed<s>``; its final LoRA (``task.final_lora``) is evaluated with ``evaluate.py``'s
 protocol. A finished run (its ``eval/metrics.json`` exists) is not run again, so an interrupted
 comparison resumes. Results: ``comparison.json`` (every run, rewritten as each finishes),
@@ -26,23 +28,25 @@ from PIL import Image
 from common.files import atomic_write
 from metrics.reporting import image_grid
 from workflows.cli import run_task
+from workflows.config_checks import objective_task
 from workflows.evaluation import evaluate
 from workflows.experts import evaluation_config
 
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "benign_fidelity", "faithfulness", "uas")
-# not data: objectives pick their own (spo: toy_dual); give a data group in compare.overrides
+# not data: train.yaml picks it per objective (spo: toy_dual); give a data group in compare.overrides
 PASSED_GROUPS = ("model", "trainer", "logger", "callbacks")
 
 
 def run_config(cfg: DictConfig, objective: str, seed: int, output_dir: Path) -> DictConfig:
-    """The config ``train.py objective=<objective> seed=<seed>`` composes, with this run's groups and overrides."""
+    """The config ``train.py task=<its task> objective=<objective> seed=<seed>`` composes, with this run's groups
+    and overrides (a ``task=...`` among them wins)."""
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     passed = [f"{g}={choices[g]}" for g in PASSED_GROUPS if choices.get(g) not in (None, "null")]
     per_objective = (cfg.compare.per_objective or {}).get(objective) or []
-    sub = compose("train", overrides=[*passed, f"objective={objective}", f"seed={seed}",
-                                      *cfg.compare.overrides, *per_objective])
+    sub = compose("train", overrides=[*passed, f"task={objective_task(objective)}", f"objective={objective}",
+                                      f"seed={seed}", *cfg.compare.overrides, *per_objective])
     with open_dict(sub):
         sub.output_dir = str(output_dir)
         if "toy_report" in (sub.get("callbacks") or {}):

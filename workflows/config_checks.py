@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import SchedulerType
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.connector import _PRECISION_INPUT_STR
@@ -43,6 +44,14 @@ ENCODE_DEVICES = ("auto", "cpu", "cuda", "mps")
 ALIGNMENT_BUILDER = "workflows.align.build_alignment"
 LAST = "last"
 LAST_IF_PRESENT = "last_if_present"
+# Objectives that are a workflow of several fits, not one: the task that runs them, and the objective that is one
+# fit of the same loss. Every other objective runs under task=align (`train.py task=compare` runs each so).
+WORKFLOW_OBJECTIVES = {"safetydpo": ("experts", "dpo")}
+
+
+def objective_task(objective: str) -> str:
+    """The task that runs ``objective`` (``task=compare`` runs it so): its workflow's, or ``align``."""
+    return WORKFLOW_OBJECTIVES.get(objective, ("align",))[0]
 
 
 def value_of(cfg: DictConfig, key: str) -> Any:
@@ -224,6 +233,22 @@ def check_callbacks(cfg: DictConfig) -> None:
     number(cfg, "callbacks.ema.decay", 0, 1, high_open=True)
 
 
+def check_task_objective(cfg: DictConfig) -> None:
+    """``objective=safetydpo`` (a workflow, :data:`WORKFLOW_OBJECTIVES`) with ``task=align`` (one fit) is refused
+    with the command to write. Read from the command line's choices, and only when they chose this config's task
+    (a run that ``task=compare`` composes has its own)."""
+    if not HydraConfig.initialized():
+        return
+    choices = HydraConfig.get().runtime.choices
+    task = (cfg.get("task") or {}).get("name")
+    objective = choices.get("objective")
+    if task != "align" or choices.get("task") != task or objective not in WORKFLOW_OBJECTIVES:
+        return
+    workflow, single = WORKFLOW_OBJECTIVES[objective]
+    raise InputError(f"objective={objective} runs under task={workflow}, not task=align (one fit): write "
+                     f"task={workflow} objective={objective}, or objective={single} for one LoRA")
+
+
 def check_objective(cfg: DictConfig) -> None:
     """The objective builds (its constructor checks its own coefficients): cheap, and before the model loads."""
     try:
@@ -341,6 +366,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if "output_dir" in cfg:
         writable_directory("output_dir", cfg.output_dir)
     number(cfg, "seed", 0, integer=True)
+    check_task_objective(cfg)
     if "model" in cfg:
         check_model(cfg)
         check_against_model(cfg)

@@ -4,15 +4,16 @@ top level, declared once as dataclasses in Hydra's ConfigStore.
 Each group's base YAML lists its schema first in its defaults (``model/sd15.yaml``: ``- schema_model``), so
 Hydra checks every value's type while it composes: ``data.batch_size=abc`` stops before anything runs.
 Ranges and rules across keys are :mod:`workflows.config_checks`. Import this module (``train.py`` and
-``evaluate.py`` do) before composing a config.
+``evaluate.py`` do) before composing a config: it also registers ``${lookup:...}``, with which ``configs/train.yaml``
+picks the data an objective needs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -149,8 +150,17 @@ class EvalSchema:
     output_dir: str = MISSING
 
 
+def lookup(key: Any, table: Any, default: Any) -> Any:
+    """``${lookup:key,{k1:v1,k2:v2},default}``: the value ``table`` gives ``key``, else ``default``. The defaults list of
+    ``configs/train.yaml`` chooses the data group with it from the objective's name: a choice that depends on another
+    group's has to be an interpolation there, since Hydra takes no group override (``override /data: ...``) from
+    a config it reached through one, such as a recipe."""
+    return table.get(str(key), default) if isinstance(table, Mapping) else default
+
+
 def register() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    """Put the schemas in Hydra's ConfigStore and the ``lookup`` resolver in OmegaConf (idempotent)."""
+    OmegaConf.register_new_resolver("lookup", lookup, replace=True)
     store = ConfigStore.instance()
     store.store(group="model", name="schema_model", node=ModelSchema)
     store.store(group="data", name="schema_data", node=DataSchema)

@@ -1,7 +1,7 @@
 """SafetyDPO (docs/methods/safetydpo.md): one LoRA safety expert per harm category, merged into one LoRA, all evaluated.
 
-    python train.py objective=safetydpo                                  # toy world, every category
-    python train.py objective=safetydpo data=coprov2 data.path=... experts=[hate,violence] model=sd15
+    python train.py task=experts objective=safetydpo                     # toy world, every category
+    python train.py task=experts objective=safetydpo data=coprov2 data.path=... experts=[hate,violence] model=sd15
 
 Each expert is an ordinary ``align`` fit restricted to its category (``data.categories=[c]``, adapter
 ``expert_<c>``) in ``<output_dir>/experts/<c>``; the merge is ``task=merge`` on their final LoRAs
