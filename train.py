@@ -3,7 +3,7 @@
     python train.py                                       # the toy model on the toy world (dpo)
     python train.py objective=scdpo
     python train.py objective=dpo data=pickapic data.path=... model=sd15
-    python train.py task=experts                          # SafetyDPO: experts, Co-Merge, evaluation
+    python train.py task=experts objective=safetydpo       # SafetyDPO: experts, Co-Merge, evaluation
 
 Everything is chosen by Hydra config groups under configs/ (task, objective, model, data, trainer, logger,
 callbacks, experiment). ``task=<name>`` runs ``configs/task/<name>.yaml``'s workflow from ``workflows/``.
