@@ -52,13 +52,16 @@ class CachedPairDataset(Dataset):
         """The cached tensors and metadata of pair ``index``, augmented with draws from ``draws``."""
         draws = draws if draws is not None else torch.Generator().manual_seed(index)
         suffix = "_flip" if self.random_flip and torch.rand((), generator=draws) < 0.5 else ""
-        item: dict[str, Any] = {"latents_w": self.cache.row("latents_w" + suffix, index).float()}
-        if self.has_losers:
-            item["latents_l"] = self.cache.row("latents_l" + suffix, index).float()
+        item: dict[str, Any] = {}
+        for side in ("w", "l") if self.has_losers else ("w",):
+            for key in ["latents", *self.cache.image_keys]:  # SDXL: the image's time ids beside its latents
+                item[f"{key}_{side}"] = self.cache.row(f"{key}_{side}{suffix}", index).float()
+        # prompt dropout replaces every tensor of the prompt (SDXL's pooled embedding too) with the empty prompt's
         if self.p_uncond > 0 and torch.rand((), generator=draws) < self.p_uncond:
-            item["prompt_embeds"] = self.cache.uncond.float()
+            item.update({k: v.float() for k, v in self.cache.uncond_tensors.items()})
         else:
-            item["prompt_embeds"] = self.cache.row("prompt_embeds", int(self.cache.prompt_index[index])).float()
+            row = int(self.cache.prompt_index[index])
+            item.update({k: self.cache.row(k, row).float() for k in self.cache.prompt_keys})
         pair = self.pairs[index]
         item["meta"] = {"index": index, "categories": pair.categories, "extras": pair.extras}
         return item

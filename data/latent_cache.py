@@ -20,7 +20,16 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from common.errors import InputError
-from data.pairs import ImageLimits, PreferencePair, describe, load_rgb, one_line, preprocess
+from data.pairs import (
+    ImageGeometry,
+    ImageLimits,
+    PreferencePair,
+    describe,
+    load_rgb,
+    one_line,
+    preprocess_with_geometry,
+    square_geometry,
+)
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -28,7 +37,14 @@ CACHE_FILE = "latents.safetensors"
 
 
 class LatentEncoder(Protocol):
-    """What the cache needs of a model's frozen encoders (``models.encoders.ConditionEncoder`` is one)."""
+    """What the cache needs of a model's frozen encoders (``models.encoders.ConditionEncoder`` is one).
+
+    A prompt becomes one tensor per name of ``prompt_keys`` (the first, ``prompt_embeds``, is the main one);
+    an image, its latents and one tensor per name of ``image_keys`` made from its preprocessing geometry.
+    """
+
+    prompt_keys: tuple[str, ...]
+    image_keys: tuple[str, ...]
 
     @property
     def device(self) -> torch.device: ...
@@ -39,7 +55,14 @@ class LatentEncoder(Protocol):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor: ...
+    def encode_prompt_tensors(self, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+
+    def image_conditioning(self, geometry: ImageGeometry) -> dict[str, torch.Tensor]: ...
+
+
+def uncond_key(name: str) -> str:
+    """The cache's name for the empty prompt's ``name`` tensor (``uncond_embeds`` for ``prompt_embeds``)."""
+    return "uncond_embeds" if name == "prompt_embeds" else f"uncond_{name}"
 
 
 def dataset_fingerprint(pairs: Sequence[PreferencePair]) -> str:
@@ -71,41 +94,57 @@ def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: Laten
     """
     has_losers = all(p.image_l is not None for p in pairs)
     sides = ["w", "l"] if has_losers else ["w"]
-    chunks: dict[str, list[torch.Tensor]] = {f"latents_{s}{m}": [] for s in sides for m in ([""] + (["_flip"] if flip else []))}
+    mirrors = [""] + (["_flip"] if flip else [])
+    image_keys = ["latents", *encoder.image_keys]
+    chunks: dict[str, list[torch.Tensor]] = {f"{k}_{s}{m}": [] for k in image_keys for s in sides for m in mirrors}
     valid = torch.ones(len(pairs), dtype=torch.uint8)
     errors: list[str] = []
 
-    def pixels_of(index: int, pair: PreferencePair, side: str) -> torch.Tensor:
+    def pixels_of(index: int, pair: PreferencePair, side: str) -> tuple[torch.Tensor, ImageGeometry]:
         try:
-            return preprocess(load_rgb(getattr(pair, f"image_{side}"), pair.source, limits), resolution, center_crop)
+            image = load_rgb(getattr(pair, f"image_{side}"), pair.source, limits)
+            return preprocess_with_geometry(image, resolution, center_crop)
         except InputError as error:
             if not skip_bad:
                 raise
             valid[index] = 0
             errors.append(str(error))
-            return torch.zeros(3, resolution, resolution)
+            return torch.zeros(3, resolution, resolution), square_geometry(resolution)
+
+    def add_image_tensors(side: str, mirror: str, geometries: list[ImageGeometry]) -> None:
+        if encoder.image_keys:  # e.g. SDXL's time ids, kept in float32 (sizes above 2048 are not exact in half)
+            rows = [encoder.image_conditioning(g.flipped() if mirror else g) for g in geometries]
+            for key in encoder.image_keys:
+                chunks[f"{key}_{side}{mirror}"].append(torch.stack([r[key] for r in rows]).float().cpu())
 
     for start in tqdm(range(0, len(pairs), batch_size), desc="Caching latents", unit="batch"):
         batch = pairs[start:start + batch_size]
         for side in sides:
-            pixels = torch.stack([pixels_of(start + k, p, side) for k, p in enumerate(batch)])
+            loaded = [pixels_of(start + k, p, side) for k, p in enumerate(batch)]
+            pixels, geometries = torch.stack([x for x, _ in loaded]), [g for _, g in loaded]
             chunks[f"latents_{side}"].append(encoder.encode_images(pixels).to(dtype).cpu())
+            add_image_tensors(side, "", geometries)
             if flip:
                 chunks[f"latents_{side}_flip"].append(encoder.encode_images(pixels.flip(-1)).to(dtype).cpu())
+                add_image_tensors(side, "_flip", geometries)
     prompts = list(dict.fromkeys(p.prompt for p in pairs))
     lookup = {prompt: i for i, prompt in enumerate(prompts)}
-    embeds = [encoder.encode_prompts(prompts[i:i + batch_size]).to(dtype).cpu()
-              for i in tqdm(range(0, len(prompts), batch_size), desc="Caching text embeddings", unit="batch")]
+    encoded = [encoder.encode_prompt_tensors(prompts[i:i + batch_size])
+               for i in tqdm(range(0, len(prompts), batch_size), desc="Caching text embeddings", unit="batch")]
+    empty = encoder.encode_prompt_tensors([""])
     tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
-    tensors["prompt_embeds"] = torch.cat(embeds).contiguous()
+    for key in encoder.prompt_keys:
+        tensors[key] = torch.cat([e[key].to(dtype).cpu() for e in encoded]).contiguous()
+        tensors[uncond_key(key)] = empty[key].to(dtype).cpu().contiguous()
     tensors["prompt_index"] = torch.tensor([lookup[p.prompt] for p in pairs], dtype=torch.int64)
-    tensors["uncond_embeds"] = encoder.encode_prompts([""]).to(dtype).cpu().contiguous()
     tensors["valid"] = valid
 
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{CACHE_FILE}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"pairs": str(len(pairs)), "version": str(CACHE_VERSION),
-                                           "errors": json.dumps(errors[:20])})
+                                           "errors": json.dumps(errors[:20]),
+                                           "prompt_keys": json.dumps(list(encoder.prompt_keys)),
+                                           "image_keys": json.dumps(list(encoder.image_keys))})
     os.replace(tmp, directory / CACHE_FILE)
     log.info("latent cache written: %s (%d pairs, %d prompts)", directory, len(pairs), len(prompts))
     return directory / CACHE_FILE
@@ -128,10 +167,19 @@ class CacheReader:
                 missing = sorted({"prompt_index", "uncond_embeds", "prompt_embeds", "latents_w"} - self.keys)
                 if missing:
                     raise ValueError(f"no tensor(s) {missing}")
+                metadata = f.metadata() or {}
+                #: per-prompt and per-image-side tensor names (a cache from before families: SD's only)
+                self.prompt_keys: list[str] = json.loads(metadata.get("prompt_keys", '["prompt_embeds"]'))
+                self.image_keys: list[str] = json.loads(metadata.get("image_keys", "[]"))
+                missing = sorted({uncond_key(k) for k in self.prompt_keys} - self.keys)
+                if missing:
+                    raise ValueError(f"no tensor(s) {missing}")
                 self.prompt_index = f.get_tensor("prompt_index")
-                self.uncond = f.get_tensor("uncond_embeds")[0]
+                #: the empty prompt's tensors, by prompt key
+                self.uncond_tensors = {k: f.get_tensor(uncond_key(k))[0] for k in self.prompt_keys}
+                self.uncond = self.uncond_tensors["prompt_embeds"]
                 self.valid = f.get_tensor("valid").bool() if "valid" in self.keys else torch.ones(len(self.prompt_index), dtype=torch.bool)
-                self.errors: list[str] = json.loads((f.metadata() or {}).get("errors", "[]"))
+                self.errors: list[str] = json.loads(metadata.get("errors", "[]"))
         except (SafetensorError, OSError, ValueError, RuntimeError, IndexError) as err:
             raise InputError(f"{file}: cannot read the latent cache ({one_line(err)}); it is truncated or corrupt: "
                              f"delete {file.parent} and rerun to rebuild it") from None

@@ -6,7 +6,7 @@ import io
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -148,9 +148,39 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How :func:`preprocess` turned an image into its training crop, ``(height, width)`` and ``(top, left)``
+    pairs: the image's ``original_size``, the crop's ``crop_top_left`` corner in the resized image, the crop's
+    ``target_size`` and the ``resized_size`` it was cut from. SDXL conditions on the first three."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+    def flipped(self) -> "ImageGeometry":
+        """The geometry of the mirrored crop: the same crop cut from the mirrored resized image."""
+        left = self.resized_size[1] - self.crop_top_left[1] - self.target_size[1]
+        return replace(self, crop_top_left=(self.crop_top_left[0], left))
+
+
+def square_geometry(resolution: int) -> ImageGeometry:
+    """The geometry of an image that was already the target square (stands in for an unreadable image)."""
+    size = (resolution, resolution)
+    return ImageGeometry(size, (0, 0), size, size)
+
+
 def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """Resize the short side to ``resolution``, crop to a square, scale to ``[-1, 1]``, ``[3, H, W]``."""
+    return preprocess_with_geometry(image, resolution, center_crop)[0]
+
+
+def preprocess_with_geometry(image: Image.Image, resolution: int,
+                             center_crop: bool = True) -> tuple[torch.Tensor, ImageGeometry]:
+    """:func:`preprocess`, and the :class:`ImageGeometry` of the crop it made."""
     w, h = image.size
+    original = (h, w)
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC)
     w, h = image.size
@@ -158,4 +188,5 @@ def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) ->
     top = (h - resolution) // 2 if center_crop else 0
     image = image.crop((left, top, left + resolution, top + resolution))
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return array / 127.5 - 1.0
+    geometry = ImageGeometry(original, (top, left), (resolution, resolution), (h, w))
+    return array / 127.5 - 1.0, geometry

@@ -22,6 +22,7 @@ from alignment.base import Objective, ObjectiveOutput, PairErrors, anchor_flags,
 from common.dtypes import torch_dtype
 from common.errors import InputError
 from models.attention_backend import attention_backend, check_attention_backend
+from models.families.base import DEFAULT_FAMILY, FAMILIES, ModelFamily
 from models.hub import unet_config_digest
 from models.mixed_adapters import BASE_ADAPTER, MixedAdapterBatch
 from models.optimizers import build_optimizer
@@ -80,9 +81,12 @@ class AlignmentModule(L.LightningModule):
         attention_backend: str | None = None,
         scale_lr: bool = False,
         base_model: str | None = None,
+        family: ModelFamily | None = None,
     ) -> None:
         super().__init__()
         self.objective = objective
+        # how the denoiser is conditioned, noised and called (models/families/); SD 1.x/2.x unless given
+        self.family = family or FAMILIES[DEFAULT_FAMILY]
         self.noise_scheduler = noise_scheduler
         self.adapter_name = adapter_name
         self.seed = int(seed)
@@ -99,9 +103,8 @@ class AlignmentModule(L.LightningModule):
             raise InputError(f"model.benign_anchor: expected a number >= 0, got {benign_anchor}")
         self.benign_anchor = float(benign_anchor)
         self.attention_backend = check_attention_backend(attention_backend)
+        self.family.check_scheduler(noise_scheduler)
         self.prediction_type = noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise InputError(f"scheduler prediction_type: expected epsilon or v_prediction, got {self.prediction_type!r}")
         check_batch_reference(batch_reference, lora, gradient_checkpointing)
         # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
         self.strict_loading = False
@@ -184,16 +187,17 @@ class AlignmentModule(L.LightningModule):
         """The objective reads reference errors, or the benign anchor reads the drift from the reference."""
         return self.objective.uses_reference or bool(self.benign_anchor)
 
-    def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         run = self._run_unet if unet is self.unet else unet
         with attention_backend(self.attention_backend):
-            return run(z_t, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            return self.family.predict(run, z_t, t, cond)
 
-    def _predict_with_reference(self, z_t: Tensor, t: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict_with_reference(self, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Policy and (detached) reference predictions from one forward, the adapters on for the first half only."""
         n = z_t.shape[0]
+        doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
         with self._mixed.assign([self.adapter_name] * n + [BASE_ADAPTER] * n):
-            both = self._predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, cond]))
+            both = self._predict(self.unet, torch.cat([z_t, z_t]), torch.cat([t, t]), doubled)
         return both[:n], both[n:].detach()
 
     @staticmethod
@@ -210,7 +214,6 @@ class AlignmentModule(L.LightningModule):
     def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> PairErrors:
         """Policy (and, if the objective asks, reference) errors for the batch's winners and losers."""
         z_w: Tensor = batch["latents_w"]
-        cond: Tensor = batch["prompt_embeds"]
         uses_losers = self.objective.uses_losers
         if uses_losers and batch.get("latents_l") is None:
             raise InputError(f"objective {type(self.objective).__name__} needs preference pairs, but the data has only single images")
@@ -223,9 +226,10 @@ class AlignmentModule(L.LightningModule):
         else:
             t = torch.randint(self.t_min, self.t_max + 1, (n_pairs,), device=z_w.device)
             eps = torch.randn_like(z_w)
-        t, eps, cond = t.repeat(copies), eps.repeat(copies, 1, 1, 1), cond.repeat(copies, 1, 1)
-        z_t = self.noise_scheduler.add_noise(latents, eps, t)
-        target = (eps if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, eps, t)).float()
+        # the family's conditioning of every row (winners, then losers) and its noisy input and target
+        cond = self.family.conditioning(batch, ("w", "l") if uses_losers else ("w",))
+        t, eps = t.repeat(copies), eps.repeat(copies, *([1] * (eps.ndim - 1)))
+        z_t, target = self.family.noisy_and_target(self.noise_scheduler, latents, eps, t)
 
         ref_pred = ref = drift = None
         if self.needs_reference and self._mixed is not None:

@@ -1,4 +1,8 @@
-"""Images to VAE latents and prompts to text embeddings: the work the latent cache does once."""
+"""Images to VAE latents and prompts to their conditioning tensors: the work the latent cache does once.
+
+What a prompt becomes (and what the cache keeps per image) is the model family's (``models/families/``);
+this class holds one checkpoint's frozen encoders and hands the data package what it asks for.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,31 +10,43 @@ import logging
 import torch
 from torch import Tensor
 
-from models.components import SDComponents, generation_pipeline
+from models.families.base import Components, ImageGeometry
 
 log = logging.getLogger(__name__)
 
 
 class ConditionEncoder:
-    """Frozen VAE + text encoder of one checkpoint, on a chosen device and dtype."""
+    """Frozen VAE + text encoder(s) of one checkpoint, on a chosen device and dtype."""
 
-    def __init__(self, components: SDComponents) -> None:
+    def __init__(self, components: Components) -> None:
+        self.components = components
+        self.family = components.family
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.tokenizer = components.tokenizer
-        self._fingerprint_of = components.encoder_fingerprint
         self._fingerprint: str | None = None
         self._warned_truncation = False
+
+    @property
+    def prompt_keys(self) -> tuple[str, ...]:
+        """The tensors one prompt becomes (the latent cache stores each)."""
+        return self.family.prompt_keys
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """The tensors stored per image side besides its latents (SDXL: its time ids)."""
+        return self.family.image_keys
 
     def fingerprint(self) -> str:
         """Digest of the encoders' configs and weights (computed once)."""
         if self._fingerprint is None:
-            self._fingerprint = self._fingerprint_of()
+            self._fingerprint = self.components.encoder_fingerprint()
         return self._fingerprint
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ConditionEncoder":
         self.vae.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device, dtype=dtype)
+        for _, encoder, _ in self.components.text_encoders():
+            encoder.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -39,7 +55,7 @@ class ConditionEncoder:
 
     def pipeline(self, unet, scheduler):
         """A generation pipeline of these encoders with a (trained) ``unet``: validation and reports sample with it."""
-        return generation_pipeline(self.vae, self.text_encoder, self.tokenizer, unet, scheduler)
+        return self.family.pipeline(self.components, unet, scheduler)
 
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
@@ -50,17 +66,30 @@ class ConditionEncoder:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
+    def image_conditioning(self, geometry: ImageGeometry) -> dict[str, Tensor]:
+        """The per-image tensors of :attr:`image_keys` for an image preprocessed with ``geometry``."""
+        return self.family.image_conditioning(geometry)
+
     @torch.no_grad()
+    def encode_prompt_tensors(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompts to one float tensor per :attr:`prompt_keys` (SD: the last hidden state ``[B, L, D]``)."""
+        encoded = self.family.encode_prompts(self.components, prompts, self.device)
+        # after encoding, as it always was: a fast tokenizer keeps its last call's padding in the state the
+        # cache's fingerprint digests, and this check's unpadded calls leave it as a fresh tokenizer has it
+        self._warn_truncation(prompts)
+        return encoded
+
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Prompts to the text encoder's last hidden state ``[B, L, D]`` (SD 1.x and 2.x conditioning)."""
-        tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        if not self._warned_truncation:
-            too_long = [p for p in prompts if len(tok(p).input_ids) > tok.model_max_length]
-            if too_long:
-                self._warned_truncation = True
-                log.warning(
-                    "%d prompt(s) exceed the text encoder's %d-token limit and are truncated, e.g. %r",
-                    len(too_long), tok.model_max_length, too_long[0][:80],
-                )
-        return self.text_encoder(ids.input_ids.to(self.device))[0].float()
+        """Prompts to their main conditioning tensor ``prompt_embeds`` ``[B, L, D]``."""
+        return self.encode_prompt_tensors(prompts)["prompt_embeds"]
+
+    def _warn_truncation(self, prompts: list[str]) -> None:
+        if self._warned_truncation:
+            return
+        limit = min(tok.model_max_length for _, _, tok in self.components.text_encoders())
+        too_long = [p for p in prompts if any(len(tok(p).input_ids) > tok.model_max_length
+                                              for _, _, tok in self.components.text_encoders())]
+        if too_long:
+            self._warned_truncation = True
+            log.warning("%d prompt(s) exceed the text encoder's %d-token limit and are truncated, e.g. %r",
+                        len(too_long), limit, too_long[0][:80])

@@ -56,5 +56,6 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         seed=cfg.seed, channels_last=m.get("channels_last", False), compile=m.get("compile", False),
         benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
         attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False), base_model=str(m.pretrained),
+        family=components.family,
     )
     return module, datamodule

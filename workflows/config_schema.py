@@ -39,6 +39,7 @@ class SamplingSchema:
 @dataclass
 class ModelSchema:
     pretrained: str = MISSING
+    family: str = "auto"  # auto (model_index.json's pipeline class) | sd | sdxl: models/families/
     revision: Optional[str] = None
     variant: Optional[str] = None
     vae: Optional[str] = None

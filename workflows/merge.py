@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.errors import InputError
 from common.files import atomic_write
+from data.datamodule import collate
 from models.components import load_model
 from models.encoders import ConditionEncoder
+from models.families.base import DEFAULT_FAMILY, FAMILIES, ModelFamily
 from models.lora_io import read_lora, save_kohya_lora, save_unet_lora
 from models.lora_merging import METHODS, lora_layers, merge_adapters
 
@@ -67,24 +69,30 @@ def check_loaded(unet, adapter: str, shapes: dict[str, tuple[int, ...]], source:
                          "names; save it with one of them")
 
 
-def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed: int) -> Callable[[], None]:
+def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed: int,
+                       family: ModelFamily | None = None) -> Callable[[], None]:
     """Forward passes on ``num_prompts`` pairs' winner and loser latents at uniform random timesteps."""
+    family = family or FAMILIES[DEFAULT_FAMILY]
     datamodule.setup("fit")
     dataset = datamodule.train_set
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randperm(len(dataset), generator=generator)[:num_prompts].tolist()
     items = [dataset[i] for i in picks]
-    sides = [(it["latents_w"], it["prompt_embeds"]) for it in items] + \
-            [(it["latents_l"], it["prompt_embeds"]) for it in items if "latents_l" in it]
-    latents, cond = torch.stack([z for z, _ in sides]), torch.stack([c for _, c in sides])
+    for item in items:
+        item.pop("anchor_item", None)  # the calibration runs the pairs themselves
+    batch = collate(items)
+    sides = ("w", "l") if "latents_l" in batch else ("w",)
+    latents = torch.cat([batch[f"latents_{side}"] for side in sides])
+    cond = family.conditioning(batch, sides)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
+    noisy, _ = family.noisy_and_target(noise_scheduler, latents, torch.randn(latents.shape, generator=generator), t)
 
     def run() -> None:
         with torch.no_grad():
             for start in range(0, len(noisy), 16):
-                unet(noisy[start:start + 16].to(unet.device), t[start:start + 16].to(unet.device),
-                     encoder_hidden_states=cond[start:start + 16].to(unet.device))
+                part = slice(start, start + 16)
+                family.predict(unet, noisy[part].to(unet.device), t[part].to(unet.device),
+                               {k: v[part].to(unet.device) for k, v in cond.items()})
     return run
 
 
@@ -111,7 +119,8 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     if "co_merge" in methods:
         datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
                                  resolution=int(cfg.data.get("resolution") or m.resolution or components.resolution))
-        run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed)
+        run = calibration_runner(unet, components.noise_scheduler, datamodule, mc.calibration_prompts, cfg.seed,
+                                 components.family)
     weights = OmegaConf.to_container(mc.weights) if mc.get("weights") is not None else None
     metrics: dict[str, float] = {}
     for method in methods:

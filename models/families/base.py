@@ -1,0 +1,167 @@
+"""The model-family interface: everything that differs between diffusion architectures (which parts load, how
+prompts become conditioning, what the latent cache keeps, how the denoiser is called and trained, which pipeline
+samples) behind one abstract class, so the trainer, the data package and the workflows never ask which model
+they hold.
+
+A family is a stateless strategy object; the loaded weights are a :class:`Components`. Families are chosen by
+``model.family`` or by the checkpoint's ``model_index.json`` (``models.families.family_for``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from common.errors import InputError
+from data.pairs import ImageGeometry
+
+
+@dataclass
+class Components:
+    """The loaded parts of one checkpoint. ``unet`` is the trained denoiser; ``text_encoder_2`` and
+    ``tokenizer_2`` are set by families with a second text encoder (SDXL)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    source: str
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: "ModelFamily | None" = None
+
+    def __post_init__(self) -> None:
+        if self.family is None:  # in-memory components built without a family (tests, the toy world): SD 1.x/2.x
+            self.family = FAMILIES[DEFAULT_FAMILY]
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: the denoiser's sample size times the VAE's downsampling factor."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def text_encoders(self) -> list[tuple[str, Any, Any]]:
+        """``(name, encoder, tokenizer)`` of every text encoder present."""
+        pairs = [("text_encoder", self.text_encoder, self.tokenizer), ("text_encoder_2", self.text_encoder_2, self.tokenizer_2)]
+        return [(n, e, t) for n, e, t in pairs if e is not None]
+
+    def encoder_fingerprint(self) -> str:
+        """A digest of the VAE, the text encoders (configs and weights) and the tokenizers (vocabulary, merges,
+        special tokens, length): keys caches of their outputs."""
+        digest = hashlib.sha256()
+        encoders = self.text_encoders()
+        for _, _, tokenizer in encoders:
+            digest.update(tokenizer_fingerprint(tokenizer).encode())
+        for name, model in [("vae", self.vae)] + [(n, e) for n, e, _ in encoders]:
+            digest.update(name.encode())
+            digest.update(json.dumps(_jsonable(model.config), sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    digest.update(pname.encode())
+                    digest.update(f"{p.double().sum().item():.10e}{p.double().abs().sum().item():.10e}".encode())
+        return digest.hexdigest()[:16]
+
+    def pipeline(self, unet: Any = None, scheduler: Any = None):
+        """The family's generation pipeline over these components (no safety checker: our metrics judge safety)."""
+        return self.family.pipeline(self, unet or self.unet, scheduler or self.noise_scheduler)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides a tokenizer's ids: vocabulary, BPE merges, special tokens,
+    maximum length and padding side."""
+    merges = getattr(tokenizer, "bpe_ranks", None)  # slow tokenizers; fast ones serialize their whole pipeline
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "merges": sorted((" ".join(pair), rank) for pair, rank in merges.items()) if merges else None,
+        "backend": backend.to_str() if backend is not None else None,
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "max_length": tokenizer.model_max_length,
+        "padding_side": tokenizer.padding_side,
+        "lower": getattr(tokenizer, "do_lower_case", None),
+    }
+    return hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()
+
+
+def _jsonable(config) -> dict:
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in items.items() if not k.startswith("_")}
+
+
+class ModelFamily(ABC):
+    """One architecture family. Subclasses set the class attributes and implement the abstract methods.
+
+    Batches name their tensors: every key of :attr:`prompt_keys` per pair (the prompt's conditioning), and
+    ``<key>_w`` / ``<key>_l`` for every key of :attr:`image_keys` (per image side, e.g. SDXL's time ids).
+    """
+
+    #: ``model.family`` value
+    name: ClassVar[str]
+    #: ``_class_name`` values of ``model_index.json`` that select this family
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    #: the per-prompt tensors the latent cache stores and batches carry (the first is the main one)
+    prompt_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    #: the per-image-side tensors the latent cache stores (from each image's :class:`ImageGeometry`)
+    image_keys: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ loading
+    @abstractmethod
+    def load(self, pretrained: str, revision: str | None, variant: str | None, vae: str | None,
+             local_files_only: bool) -> Components:
+        """The checkpoint's parts this family trains with (frozen encoders in eval mode)."""
+
+    # ------------------------------------------------------------ conditioning
+    @abstractmethod
+    def encode_prompts(self, components: Components, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
+        """Prompts to a dict with one float tensor per :attr:`prompt_keys`, batch first."""
+
+    def image_conditioning(self, geometry: ImageGeometry) -> dict[str, Tensor]:
+        """One tensor per :attr:`image_keys` from an image's preprocessing geometry (none by default)."""
+        return {}
+
+    @abstractmethod
+    def conditioning(self, batch: Mapping[str, Any], sides: tuple[str, ...]) -> dict[str, Tensor]:
+        """The denoiser's conditioning for the rows ``torch.cat([latents_<side> for side in sides])`` of a batch."""
+
+    # ---------------------------------------------------------------- training
+    def check_scheduler(self, scheduler: Any) -> None:
+        """Refuse a training scheduler this family cannot build targets with (any by default)."""
+        return None
+
+    @abstractmethod
+    def noisy_and_target(self, scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The denoiser's input at timestep indices ``t`` and the float32 regression target it is trained on."""
+
+    @abstractmethod
+    def predict(self, denoiser: Any, noisy: Tensor, t: Tensor, conditioning: Mapping[str, Tensor]) -> Tensor:
+        """The denoiser's float32 prediction (same layout as the target)."""
+
+    # ---------------------------------------------------------------- sampling
+    @abstractmethod
+    def pipeline(self, components: Components, denoiser: Any, scheduler: Any):
+        """A diffusers generation pipeline over ``components`` with ``denoiser`` and ``scheduler``."""
+
+
+#: every family by ``name``; each family module registers its own (``models/families/__init__.py`` imports them all)
+FAMILIES: dict[str, ModelFamily] = {}
+DEFAULT_FAMILY = "sd"
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def repeat_cond(cond: Mapping[str, Tensor], copies: int) -> dict[str, Tensor]:
+    """Each tensor of ``cond`` repeated ``copies`` times along the batch."""
+    return {k: v.repeat(copies, *([1] * (v.ndim - 1))) for k, v in cond.items()}
+
+
+def unknown_family(name: str, known: list[str]) -> InputError:
+    return InputError(f"model.family: expected auto or one of {', '.join(known)}, got {name!r}")
