@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from models.components import SDComponents
+from models.families.base import Components
+from models.families.sdxl import SDXL_FAMILY
 from models.tokenizer_files import write_clip_tokenizer
 
 TINY_UNET: dict[str, Any] = dict(
@@ -45,6 +47,14 @@ SD15_TEXT: dict[str, Any] = dict(  # CLIP ViT-L/14 text tower (the vocabulary fo
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
     hidden_act="quick_gelu", projection_dim=768,
 )
+# A tiny SDXL UNet: conditioned on both text encoders' hidden states (concatenated: 2 x 32 features), the second's
+# pooled projection (32) and six time ids of addition_time_embed_dim each (6 x 8 + 32 = 80 added-embedding inputs).
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+    addition_embed_type="text_time", addition_time_embed_dim=8, norm_num_groups=32,
+)
 DDPM_SD: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
@@ -76,7 +86,45 @@ def build_components(
 
 
 def save_components(components: SDComponents, directory: str | Path) -> Path:
-    """Save as a standard ``StableDiffusionPipeline`` directory (``model_index.json`` and subfolders)."""
+    """Save as the family's standard pipeline directory (``model_index.json`` and subfolders)."""
     directory = Path(directory)
     components.pipeline().save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def build_sdxl_components(
+    directory: str | Path,
+    unet: dict[str, Any] = TINY_SDXL_UNET,
+    vae: dict[str, Any] = TINY_VAE,
+    text: dict[str, Any] = TINY_TEXT,
+    text_2: dict[str, Any] = TINY_TEXT,
+    projection_dim: int = 32,
+    words: list[str] = (),
+    seed: int = 0,
+) -> Components:
+    """Random-weight SDXL components: two CLIP text encoders (the second with a ``projection_dim`` projection),
+    tokenizers for ``words`` written into ``directory``, and the UNet's cross-attention and added-embedding
+    sizes derived from them; the sampling scheduler is Euler, as SDXL ships."""
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    tokenizer = write_clip_tokenizer(directory / "tokenizer", words, model_max_length=text["max_position_embeddings"])
+    tokenizer_2 = write_clip_tokenizer(directory / "tokenizer_2", words, model_max_length=text_2["max_position_embeddings"])
+
+    def config(tok, spec, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, **spec, **extra)
+
+    time_ids = 6 * unet["addition_time_embed_dim"]
+    return Components(
+        unet=UNet2DConditionModel(**{**unet, "cross_attention_dim": text["hidden_size"] + text_2["hidden_size"],
+                                     "projection_class_embeddings_input_dim": time_ids + projection_dim}),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(config(tokenizer, text)),
+        tokenizer=tokenizer,
+        noise_scheduler=EulerDiscreteScheduler(**{k: v for k, v in DDPM_SD.items() if k != "clip_sample"},
+                                               timestep_spacing="leading"),
+        source=str(directory),
+        text_encoder_2=CLIPTextModelWithProjection(config(tokenizer_2, text_2, projection_dim=projection_dim)),
+        tokenizer_2=tokenizer_2,
+        family=SDXL_FAMILY,
+    )
