@@ -22,6 +22,8 @@ from models.builders import build_sdxl_components, save_components
 from models.components import load_components
 from models.encoders import ConditionEncoder
 from models.families import SD_FAMILY, SDXL_FAMILY, family_for
+from models.lora_io import LORA_WEIGHT_NAME, save_unet_lora
+from models.sampling import SamplerSettings, generate, use_scheduler
 from tests.conftest import ROOT
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
@@ -158,3 +160,43 @@ def test_train_py_runs_dpo_on_a_tiny_sdxl(tiny_sdxl_dir, odd_pairs, tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "finished at step 2" in result.stderr + result.stdout
+
+
+def test_sdxl_sampling_is_batch_size_invariant(sdxl):
+    settings = dict(scheduler="euler", num_inference_steps=2, guidance_scale=3.0, height=16, width=16)
+    pipe = sdxl.pipeline()
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [3, 4, 5]
+    use_scheduler(pipe, "euler")
+    one = generate(pipe, prompts, seeds, SamplerSettings(batch_size=1, **settings), progress=False)
+    three = generate(pipe, prompts, seeds, SamplerSettings(batch_size=3, **settings), progress=False)
+    assert one.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(one, three, rtol=0, atol=1e-4)
+    assert (one[0] - one[2]).abs().max() > 1e-3  # the seed matters
+
+
+def test_sdxl_lora_export_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
+    from alignment.dpo import DPO
+
+    components = load_components(str(tiny_sdxl_dir))
+    module = AlignmentModule(components.unet, components.noise_scheduler, DPO(), family=components.family,
+                             lora={"rank": 4, "alpha": 8})
+    g = torch.Generator().manual_seed(0)
+    for _, p in module.trainable_parameters():
+        p.data = 0.1 * torch.randn(p.shape, generator=g)
+    save_unet_lora(module.unet, tmp_path)
+    cond = {"encoder_hidden_states": torch.randn(2, 7, 64, generator=g), "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.tensor([[24.0, 40, 0, 5, 16, 16], [16, 16, 0, 0, 16, 16]])}
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20])
+    outputs = {}
+    for with_lora in (False, True):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        if with_lora:
+            pipe.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHT_NAME)
+        with torch.no_grad():
+            outputs[with_lora] = SDXL_FAMILY.predict(pipe.unet, z, t, cond)
+    with torch.no_grad():
+        trained = SDXL_FAMILY.predict(module.unet, z, t, cond)
+    assert (outputs[True] - outputs[False]).abs().max() > 1e-2  # the LoRA matters
+    torch.testing.assert_close(outputs[True], trained, rtol=0, atol=1e-5)
