@@ -187,8 +187,12 @@ class AlignmentModule(L.LightningModule):
         """The objective reads reference errors, or the benign anchor reads the drift from the reference."""
         return self.objective.uses_reference or bool(self.benign_anchor)
 
-    def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+    def _predict(self, unet: UNet2DConditionModel, z_t: Tensor, t: Tensor, cond: Mapping[str, Tensor] | Tensor) -> Tensor:
+        """The family's prediction; ``cond`` is the family's conditioning dict, or text embeddings alone
+        (``encoder_hidden_states``, all an SD UNet reads)."""
         run = self._run_unet if unet is self.unet else unet
+        if isinstance(cond, Tensor):
+            cond = {"encoder_hidden_states": cond}
         with attention_backend(self.attention_backend):
             return self.family.predict(run, z_t, t, cond)
 
