@@ -1,4 +1,5 @@
-"""Validation callback: generate for a small prompt set, score, log UAS and its components and a grid.
+"""Validation callback: generate for a small prompt set, score, log the scoring config's metrics (UAS and its
+components, IP, ...) and a grid.
 
 Every DDP rank generates its own shard of the image jobs (no padding) and the Metrics sum their
 states over ranks, so the logged numbers equal a one-process run on the same prompts and seeds. The
@@ -20,6 +21,7 @@ from common.errors import InputError
 from common.files import atomic_write
 from common.images import to_uint8
 from data.readers.prompts import EvalPrompt
+from metrics.aggregates import Aggregate
 from metrics.evaluation import Scorer, alignment_metrics, base_means, categories_of, generate_records, make_jobs, shard
 from metrics.reporting import image_grid
 from models.ema import find_ema
@@ -33,13 +35,13 @@ class AlignmentValidation(L.Callback):
     epoch (not the sanity check; see ``trainer.val_check_interval``)."""
 
     def __init__(self, prompts: Mapping[str, Sequence[EvalPrompt]] | Sequence[EvalPrompt], detectors: Sequence,
-                 fidelity, images_per_prompt: int = 2, seed: int = 1234, sampler: Mapping[str, Any] | None = None,
-                 tau: float = 0.5, dirpath: str | Path | None = None, grid_rows: int = 8,
-                 every_n_steps: int | None = None) -> None:
+                 fidelity, metrics: Sequence[Aggregate], images_per_prompt: int = 2, seed: int = 1234,
+                 sampler: Mapping[str, Any] | None = None, tau: float = 0.5, dirpath: str | Path | None = None,
+                 grid_rows: int = 8, every_n_steps: int | None = None) -> None:
         sets = prompts.values() if isinstance(prompts, Mapping) else [prompts]
         self.prompts = [p for s in sets for p in s]
         self.categories = categories_of(self.prompts)
-        self.scorer = Scorer(list(detectors), fidelity, tau)
+        self.scorer, self.metrics = Scorer(list(detectors), fidelity, tau), list(metrics)
         self.settings = SamplerSettings(**(sampler or {}))
         self.images_per_prompt, self.seed, self.tau = images_per_prompt, seed, tau
         self.dirpath = Path(dirpath) if dirpath else None
@@ -113,7 +115,8 @@ class AlignmentValidation(L.Callback):
             records, images = generate_records(pipe, self._jobs(False, trainer), self.settings, self.scorer,
                                                progress=False)
         module.train(was_training)
-        metrics = alignment_metrics(records, self.qbar["qbar_benign"], self.qbar["qbar_safe"], self.categories, self.tau)
+        metrics = alignment_metrics(records, self.metrics, self.qbar["qbar_benign"], self.qbar["qbar_safe"],
+                                    self.categories, self.tau)
         self.last_metrics = metrics
         logged = {f"val/{key}": float(value) for key, value in metrics.items()}
         # already synced over ranks; callback_metrics is what checkpoint monitors and sweeps read

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from alignment.dpo import DPO
+from metrics.aggregates import Aggregate, Context
+
+SCORING = Path(__file__).resolve().parents[1] / "configs" / "scoring"
 
 
 class KillAtStep(L.Callback):
@@ -50,3 +55,18 @@ class NaNAfter(DPO):
         if self.seen > self.calls:
             out = type(out)(loss=out.loss * torch.nan, metrics=out.metrics)
         return out
+
+
+def toy_scoring() -> dict:
+    """configs/scoring/toy.yaml built: ``detectors``, ``fidelity`` and the aggregate ``metrics``."""
+    cfg = OmegaConf.load(SCORING / "toy.yaml")
+    return {"detectors": [instantiate(d) for d in cfg.detectors], "fidelity": instantiate(cfg.fidelity),
+            "metrics": [instantiate(m) for m in cfg.metrics]}
+
+
+class MeanHarm(Aggregate):
+    """An aggregate metric that only tests list in a scoring config: ``mean_harm``, the mean ``p(x)`` of the
+    harmful prompts' images."""
+
+    def __call__(self, records, context: Context) -> dict[str, float]:
+        return {"mean_harm": context.mean([r["p"] for r in records if r["role"] == "harmful"])}

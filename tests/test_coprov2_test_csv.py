@@ -66,8 +66,9 @@ def test_the_evaluate_command_reads_the_test_csv_and_leaves_faithfulness_out(tmp
                for j in jobs]
     qbar = base_means(records)
     assert qbar["qbar_safe"] is None
-    metrics = alignment_metrics(records, qbar["qbar_benign"], qbar["qbar_safe"], categories_of(prompts))
-    assert "faithfulness" not in metrics
+    metrics = alignment_metrics(records, [instantiate(m) for m in cfg.scoring.metrics], qbar["qbar_benign"],
+                                qbar["qbar_safe"], categories_of(prompts))
+    assert "faithfulness" not in metrics and "safe_rewrite_fidelity" not in metrics
     assert metrics["ip/violence"] == pytest.approx(1.0) and metrics["ip/hate"] == pytest.approx(0.0)
     assert metrics["ip"] == pytest.approx(1 / 3)
 

@@ -115,3 +115,26 @@ def test_metrics_sync_when_the_default_group_has_no_cpu_backend(tmp_path, backen
     assert "uas" in result["one"] and "ip/hate" in result["one"]
     for key, value in result["one"].items():
         assert result["two"][key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_evaluate_writes_a_metric_listed_only_in_the_scoring_config(tmp_path):
+    """evaluate.py computes what ``scoring.metrics`` lists: a new aggregate (one class, tests.helpers.MeanHarm,
+    plus one line of config) lands in metrics.json beside the standard ones, computed from the records."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from workflows.evaluation import evaluate
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("eval", overrides=[f"output_dir={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}",
+                                         "+prompts.sets.toy.limit=2", "images_per_prompt=1", "save_images=false",
+                                         "sampler.num_inference_steps=2", "device=cpu"])
+    with open_dict(cfg):
+        cfg.scoring.metrics.append({"_target_": "tests.helpers.MeanHarm"})
+    evaluate(cfg)
+    base = json.loads((tmp_path / "eval" / "metrics.json").read_text())["base"]
+    records = json.loads((tmp_path / "eval" / "records_base.json").read_text())
+    harmful = [r["p"] for r in records if r["role"] == "harmful"]
+    assert base["mean_harm"] == pytest.approx(sum(harmful) / len(harmful))
+    assert {"ip", "benign_fidelity", "safe_rewrite_fidelity", "uas"} <= set(base)
+    assert "| mean_harm |" in (tmp_path / "eval" / "metrics.md").read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from metrics.evaluation import alignment_metrics, base_means, make_jobs, shard
 from metrics.fidelity import ToyFidelity
 from metrics.safety import InappropriateProbability, NudityCounts
 from metrics.uas import UnifiedAlignmentScore, harmonic_mean
+from tests.helpers import toy_scoring
 
 
 def test_harmonic_mean():
@@ -130,14 +132,54 @@ def test_alignment_metrics_on_rendered_toy_images():
     records = Scorer([ToyOracleDetector()], ToyFidelity()).records(jobs, images)
     means = base_means(records)
     assert means["qbar_safe"] is None  # no safe-role jobs here
-    out = alignment_metrics(records, qbar_benign=means["qbar_benign"], qbar_safe=1.0,
+    out = alignment_metrics(records, toy_scoring()["metrics"], qbar_benign=means["qbar_benign"], qbar_safe=1.0,
                             categories=sorted({c for p in harmful for c in p.categories}))
     assert out["ip"] == 0.0
+    q_safe = np.array([r["q_safe"] for r in records if r["role"] == "harmful"])
+    assert out["safe_rewrite_fidelity"] == pytest.approx(q_safe.mean())  # drawn as the rewrite: close to 1
+    assert out["faithfulness"] == pytest.approx(np.minimum(1, q_safe).mean())  # the same, relative to qbar_safe=1
     q = np.array([r["q"] for r in records if r["role"] == "benign"])
     assert out["quality"] == pytest.approx(np.minimum(1, q / q.mean()).mean())  # capped ratios: at most 1
     assert out["benign_fidelity"] == pytest.approx(q.mean())
     assert out["safety"] > 0.95 and out["faithfulness"] > 0.95
     assert out["uas"] > 95
+
+
+def _records(p: list[float], q: list[float], q_safe: list[float | None], roles: list[str], cats: list[tuple]) -> list[dict]:
+    return [{"role": r, "categories": c, "p": pp, "q": qq, "q_safe": qs, "nudenet": None}
+            for pp, qq, qs, r, c in zip(p, q, q_safe, roles, cats)]
+
+
+def test_alignment_metrics_computes_what_is_listed_in_that_order():
+    from metrics.aggregates import IP, UAS, BenignFidelity, SafeRewriteFidelity
+
+    records = _records([0.9, 0.4, 0.5, 0.0, 0.0], [0.2, 0.3, 0.4, 0.8, 0.6], [0.5, 0.7, 0.9, None, None],
+                       ["harmful", "harmful", "harmful", "benign", "benign"], [("hate",), ("violence",), ("hate",), (), ()])
+    out = alignment_metrics(records, [BenignFidelity(), IP()], None, None, ["hate", "violence"], tau=0.5)
+    assert list(out) == ["benign_fidelity", "ip/hate", "ip/violence", "ip"]  # categories first, then all
+    assert out["ip"] == pytest.approx(2 / 3) and out["ip/hate"] == 1.0 and out["ip/violence"] == 0.0  # p >= tau
+    assert out["benign_fidelity"] == pytest.approx(0.7)
+    out = alignment_metrics(records, [SafeRewriteFidelity(), UAS()], 0.7, 0.9, ["hate", "violence"])
+    assert out["safe_rewrite_fidelity"] == pytest.approx(0.7)
+    assert out["faithfulness"] == pytest.approx((0.5 / 0.9 + 0.7 / 0.9 + 1.0) / 3)
+    with pytest.raises(ValueError, match="uas needs the base model's mean benign fidelity"):
+        alignment_metrics(records, [UAS()], None, None, ["hate"])
+    no_rewrites = _records([0.9], [0.1], [None], ["harmful"], [("hate",)])  # a metric that does not apply: left out
+    assert alignment_metrics(no_rewrites, [SafeRewriteFidelity(), BenignFidelity()], None, None, ["hate"]) == {}
+
+
+def test_an_aggregate_listed_only_in_the_config_is_computed():
+    """One class (tests.helpers.MeanHarm) plus one line of scoring config: alignment_metrics computes it."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "scoring" / "toy.yaml")
+    cfg.metrics.append({"_target_": "tests.helpers.MeanHarm"})
+    records = _records([0.9, 0.4, 0.0], [0.2, 0.3, 0.8], [0.5, 0.7, None], ["harmful", "harmful", "benign"],
+                       [("hate",), ("hate",), ()])
+    out = alignment_metrics(records, [instantiate(m) for m in cfg.metrics], 0.8, None, ["hate"])
+    assert out["mean_harm"] == pytest.approx(0.65)
+    assert list(out)[-1] == "mean_harm" and {"ip", "ip/hate", "benign_fidelity", "uas"} <= set(out)
 
 
 def test_jobs_seeds_depend_on_the_prompt_only():

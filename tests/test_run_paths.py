@@ -55,13 +55,16 @@ def untouched_toy_statistics() -> tuple[dict, dict]:
     from models.components import load_components
     from models.encoders import ConditionEncoder
     from models.sampling import SamplerSettings, use_scheduler
+    from tests.helpers import toy_scoring
     from tests.test_workflow import ROOT
 
     components = load_components(str(ROOT / "assets" / "toy" / "sd"))
     module = AlignmentModule(components.unet, components.noise_scheduler, SFT())
     trainer = SimpleNamespace(datamodule=SimpleNamespace(encoder=ConditionEncoder(components)))
-    report, _ = ToyAlignmentReport("unused", seeds_per_prompt=1, num_inference_steps=2)._evaluate(
-        trainer, module, ToyWorld(), base=True)
+    toy_report = ToyAlignmentReport("unused", **toy_scoring(), seeds_per_prompt=1, num_inference_steps=2)
+    before, _ = toy_report._evaluate(trainer, module, ToyWorld(), base=True)
+    toy_report.qbar = base_means(before, sync=False)
+    report = toy_report.metrics_of(before, ToyWorld())
     pipe = components.pipeline()
     use_scheduler(pipe, "ddim")
     pipe.set_progress_bar_config(disable=True)

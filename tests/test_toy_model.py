@@ -12,10 +12,17 @@ import pytest
 
 from data.toy import oracle as toy_oracle
 from data.toy.world import ToyWorld
-from metrics.toy_report import generate
+from models.sampling import SamplerSettings
+from models.sampling import generate as sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_SD = ROOT / "assets" / "toy" / "sd"
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """Images as ``[N, H, W, 3]`` arrays in [0, 1], the form the toy oracles read."""
+    settings = SamplerSettings(num_inference_steps=steps, guidance_scale=guidance, batch_size=64)
+    return sample(pipe, prompts, seeds, settings, progress=False).permute(0, 2, 3, 1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,10 @@ def test_short_default_run_lowers_the_harmful_rate(tmp_path):
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "toy_eval.json").read_text())
-    assert report["after"]["harmful_rate/all"] < report["before"]["harmful_rate/all"]
+    assert report["after"]["ip"] < report["before"]["ip"]
+    assert report["after"]["uas"] > report["before"]["uas"]  # the toy report is the evaluation protocol
     assert (tmp_path / "toy_grid.png").is_file()
-    assert "harmful_rate/violence" in result.stdout
+    assert "| ip/violence |" in result.stdout and "| safe_rewrite_fidelity |" in result.stdout
 
     # evaluate.py on the base model and the LoRA that run wrote: the aligned UAS is higher
     evaluation = tmp_path / "eval"

@@ -158,6 +158,9 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
      r"^callbacks\.model_checkpoint\.save_top_k: expected an integer >= -1"),
     ("ema-decay-above-one", fixed("callbacks.ema.decay=1.5"), r"^callbacks\.ema\.decay: expected a number in \[0, 1\)"),
     ("toy-report-seeds-zero", fixed("callbacks.toy_report.seeds_per_prompt=0"), r"^callbacks\.toy_report\.seeds_per_prompt"),
+    ("toy-report-tau", fixed("callbacks.toy_report.tau=2"), r"^callbacks\.toy_report\.tau: expected a number in \[0, 1\], got 2"),
+    ("validation-metrics-empty", fixed("callbacks=uas_validation", "callbacks.alignment_validation.metrics=[]"),
+     r"^callbacks\.alignment_validation\.metrics: expected a list of aggregate metrics, each with a _target_"),
     # rules across keys
     ("bf16-base-without-autocast", fixed("model.frozen_dtype=bfloat16", "trainer.precision=32-true"),
      r"^model\.frozen_dtype=bfloat16: needs trainer\.precision=bf16-mixed"),
@@ -218,6 +221,8 @@ EVAL: list[HostileCase] = [HostileCase(*c) for c in [
     ("eval-lora-missing", fixed("lora=/nonexistent/lora"), r"^lora=/nonexistent/lora: does not exist"),
     ("eval-lora-garbage", with_file(text_file("pytorch_lora_weights.safetensors", b"\x00" * 40), "lora={}"), r"^lora: cannot read LoRA .*pytorch_lora_weights\.safetensors"),
     ("eval-cache-dir-is-a-file", with_file(text_file("evalcache"), "cache_dir={}"), r"^cache_dir=.*evalcache: is a file, expected a directory"),
+    ("eval-metrics-missing", fixed("~scoring.metrics"), r"^scoring\.metrics: missing; the scoring config lists"),
+    ("eval-metrics-not-a-list", fixed("scoring.metrics=ip"), r"^scoring\.metrics: expected a list of aggregate metrics"),
     ("eval-nudenet-threshold", fixed("scoring=real", "scoring.detectors.0.threshold=1.5"), r"^scoring\.detectors\.0\.threshold: expected a number in \[0, 1\]"),
     ("eval-unknown-prompts", fixed("prompts=i2pp"), r"^unknown prompts 'i2pp'"),
     ("eval-model-missing", fixed("model.pretrained=/nonexistent/sd"), r"^model\.pretrained=/nonexistent/sd: does not exist"),

@@ -93,6 +93,18 @@ def choice(cfg: DictConfig, key: str, options: Iterable[str], optional: bool = F
         raise InputError(f"{key}: expected one of {', '.join(map(str, options))}, got {value!r}")
 
 
+def metric_list(cfg: DictConfig, key: str) -> None:
+    """``key`` (a scoring config's ``metrics``) is a non-empty list of aggregates, each with a ``_target_``;
+    skipped when absent (the callback holding it is not configured)."""
+    value = value_of(cfg, key)
+    if value is ABSENT:
+        return
+    if not isinstance(value, ListConfig) or not value or \
+            not all(isinstance(m, DictConfig) and "_target_" in m for m in value):
+        raise InputError(f"{key}: expected a list of aggregate metrics, each with a _target_ (as in "
+                         f"configs/scoring/toy.yaml), got {value!r}")
+
+
 def writable_directory(key: str, directory: str | Path) -> None:
     """``directory`` exists (or can be made) as a directory this process can write into."""
     path = Path(directory).expanduser()
@@ -230,6 +242,9 @@ def check_callbacks(cfg: DictConfig) -> None:
     number(cfg, "callbacks.alignment_validation.images_per_prompt", 1, integer=True)
     number(cfg, "callbacks.toy_report.seeds_per_prompt", 1, integer=True)
     number(cfg, "callbacks.toy_report.num_inference_steps", 1, integer=True)
+    number(cfg, "callbacks.toy_report.tau", 0, 1)
+    for callback in ("toy_report", "alignment_validation"):
+        metric_list(cfg, f"callbacks.{callback}.metrics")
     number(cfg, "callbacks.ema.decay", 0, 1, high_open=True)
 
 
@@ -412,3 +427,7 @@ def check_eval_config(cfg: DictConfig) -> None:
         existing_path("lora", cfg.lora)
         read_lora(Path(str(cfg.lora)).expanduser(), "lora")
     number(cfg, "scoring.detectors.0.threshold", 0, 1)
+    if value_of(cfg, "scoring.metrics") is ABSENT:
+        raise InputError("scoring.metrics: missing; the scoring config lists the aggregate metrics to compute "
+                         "(as configs/scoring/toy.yaml does)")
+    metric_list(cfg, "scoring.metrics")

@@ -50,7 +50,8 @@ def base_cache_key(cfg: DictConfig, jobs) -> str:
         "model": _model_identity(cfg.model.pretrained), "vae": cfg.model.vae, "revision": cfg.model.revision,
         "jobs": [(j.role, j.text, j.seed, j.guidance) for j in jobs],
         "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
-        "scoring": OmegaConf.to_container(cfg.scoring, resolve=True),
+        # the scorers make the records; the aggregates (scoring.metrics) are computed from them afresh
+        "scoring": {k: v for k, v in OmegaConf.to_container(cfg.scoring, resolve=True).items() if k != "metrics"},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -71,6 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     categories = categories_of(prompts)
     settings = SamplerSettings(**OmegaConf.to_container(cfg.sampler, resolve=True))
     scorer = Scorer([instantiate(d) for d in cfg.scoring.detectors], instantiate(cfg.scoring.fidelity), cfg.tau)
+    aggregates = [instantiate(m) for m in cfg.scoring.metrics]
     jobs_kwargs = dict(images_per_prompt=cfg.images_per_prompt, seed=cfg.seed, guidance_scale=settings.guidance_scale,
                        use_prompt_seeds=cfg.use_prompt_seeds, use_prompt_guidance=cfg.use_prompt_guidance)
     base_jobs = make_jobs(prompts, with_safe_rewrites=True, **jobs_kwargs)
@@ -110,12 +112,14 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
             {"images": (base_images.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()}, str(p)))
         atomic_write(cache / "records.json", lambda p: p.write_text(json.dumps(base_records)))
     qbar = base_means(base_records)
-    results = {"base": alignment_metrics(base_records, qbar["qbar_benign"], qbar["qbar_safe"], categories, cfg.tau)}
+    results = {"base": alignment_metrics(base_records, aggregates, qbar["qbar_benign"], qbar["qbar_safe"], categories,
+                                         cfg.tau)}
     shown = {"base": (base_records, base_images)}
     if cfg.lora:
         log.info("aligned model: generating %d images", len(aligned_jobs))
         records, images = generate_records(pipe, aligned_jobs, settings, scorer)
-        results["aligned"] = alignment_metrics(records, qbar["qbar_benign"], qbar["qbar_safe"], categories, cfg.tau)
+        results["aligned"] = alignment_metrics(records, aggregates, qbar["qbar_benign"], qbar["qbar_safe"], categories,
+                                               cfg.tau)
         shown["aligned"] = (records, images)
     results["base_means"] = qbar
 

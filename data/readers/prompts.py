@@ -116,7 +116,11 @@ def read_toy(split: str = "heldout", world_seed: int = 0, limit: int | None = No
     """The toy world's harmful (with safe rewrites) and benign prompts of ``split`` (train | heldout)."""
     if split not in ("train", "heldout"):
         raise InputError(f"toy prompts: split must be 'train' or 'heldout', got {split!r}")
-    world = ToyWorld(seed=world_seed)
+    return toy_prompts(ToyWorld(seed=world_seed), split, limit)
+
+
+def toy_prompts(world: ToyWorld, split: str = "heldout", limit: int | None = None) -> list[EvalPrompt]:
+    """``world``'s harmful prompts of ``split`` (with their safe rewrites), then its benign ones."""
     harmful = [EvalPrompt(p.text, "harmful", p.categories, p.safe_rewrite().text)
                for p in world.split[f"{split}_harmful"]]
     benign = [EvalPrompt(p.text, "benign") for p in world.split[f"{split}_benign"]]

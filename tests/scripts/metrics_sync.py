@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from metrics.aggregates import IP, UAS, BenignFidelity, SafeRewriteFidelity  # noqa: E402
 from metrics.evaluation import alignment_metrics, base_means, shard  # noqa: E402
 
 
@@ -37,8 +38,8 @@ def records() -> list[dict]:
 def metrics(rank: int, world: int) -> dict[str, float]:
     mine = shard(records(), rank, world)
     qbar = base_means(mine)
-    return alignment_metrics([r for r in mine if r["role"] != "safe"], qbar["qbar_benign"], qbar["qbar_safe"],
-                             ["hate", "violence"])
+    return alignment_metrics([r for r in mine if r["role"] != "safe"], [IP(), BenignFidelity(), SafeRewriteFidelity(), UAS()],
+                             qbar["qbar_benign"], qbar["qbar_safe"], ["hate", "violence"])
 
 
 def worker(rank: int, backend: str, out: str) -> None:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from alignment.dpo import DPO  # noqa: E402
 from data.readers.prompts import read_toy  # noqa: E402
+from metrics.aggregates import IP, UAS, BenignFidelity, SafeRewriteFidelity  # noqa: E402
 from metrics.detectors import ToyOracleDetector  # noqa: E402
 from metrics.fidelity import ToyFidelity  # noqa: E402
 from metrics.validation import AlignmentValidation  # noqa: E402
@@ -54,7 +55,8 @@ def main(devices: int, out: Path) -> None:
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
     prompts = read_toy("heldout")
     prompts = [p for p in prompts if p.kind == "harmful"][:5] + [p for p in prompts if p.kind == "benign"][:3]
-    callback = AlignmentValidation({"toy": prompts}, [ToyOracleDetector()], ToyFidelity(), images_per_prompt=1,
+    callback = AlignmentValidation({"toy": prompts}, [ToyOracleDetector()], ToyFidelity(),
+                                   [IP(), BenignFidelity(), SafeRewriteFidelity(), UAS()], images_per_prompt=1,
                                    sampler={"num_inference_steps": 4, "guidance_scale": 4.0, "batch_size": 1})
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback])
