@@ -4,7 +4,7 @@ returns the overrides that select them; ``expect`` is a regex the one error line
 The data groups covered: CoProV2 CSVs (encodings, headers, names, pair keys, paths), JSONL pairs (lines,
 keys, paths, images), Pick-a-Pic parquet (schema, labels, bytes, captions), dual-annotated rows (scores,
 paths) and the images themselves (empty, truncated, not an image, decompression bombs, degenerate sizes).
-Run by tests/test_hostile_data.py (train.py in a subprocess) and by the shared validation table. A path
+Run by tests/data/test_hostile_data.py (train.py in a subprocess) and by the shared validation table. A path
 that does not exist may be caught by train.py's checks before any reader runs: those cases accept both wordings.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python tests/scripts/metrics_sync.py <backend> <out.json>
 
 ``cuda:gloo`` binds the only backend to CUDA, as NCCL does on GPU machines: metric states on the CPU must
-then be synced over a group of their own. Used by tests/test_evaluation.py.
+then be synced over a group of their own. Used by tests/metrics/test_evaluation.py.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python tests/scripts/validation_uas.py <devices> <out.json>
 
-Used by tests/test_validation_ddp.py to compare 1 and 2 processes (gloo).
+Used by tests/metrics/test_evaluation.py to compare 1 and 2 processes (gloo).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_workflow import LORA, step_of, toy, train
+from tests.workflows.test_workflow import LORA, step_of, toy, train
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def untouched_toy_statistics() -> tuple[dict, dict]:
     from models.encoders import ConditionEncoder
     from models.sampling import SamplerSettings, use_scheduler
     from tests.helpers import toy_scoring
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
 
     components = load_components(str(ROOT / "assets" / "toy" / "sd"))
     module = AlignmentModule(components.unet, components.noise_scheduler, SFT())
@@ -169,7 +169,7 @@ def test_ddp_waits_longer_than_lightnings_30_minutes_at_barriers():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=["trainer=ddp", "trainer.strategy.timeout.hours=6"])
@@ -221,7 +221,7 @@ def test_full_unet_recipe_scales_the_learning_rate_by_the_effective_batch(tiny_c
 
     from alignment.dpo import DPO
     from models.alignment_module import AlignmentModule
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
 
     for devices, accumulate in ((1, None), (8, 32)):
         overrides = ["experiment=dpo_pickapic_sd15_full", "data.path=/data"]
@@ -249,7 +249,7 @@ def test_data_resolution_is_honoured(tmp_path):
     """data.resolution (default: model.resolution, else the model's native size) is the size images are cached at."""
     from hydra import compose, initialize_config_dir
 
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
     from workflows.align import build_alignment
 
     sizes = {}
@@ -265,7 +265,7 @@ def test_data_resolution_is_honoured(tmp_path):
 def test_ckpt_path_last_if_present_resumes_only_when_there_is_a_checkpoint(tmp_path, present):
     from hydra import compose, initialize_config_dir
 
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
     from workflows.config_checks import checkpoint_file
 
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -284,7 +284,7 @@ def test_ckpt_path_last_if_present_resumes_only_when_there_is_a_checkpoint(tmp_p
 def compose_train(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
 
-    from tests.test_workflow import ROOT
+    from tests.workflows.test_workflow import ROOT
 
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=[f"output_dir={tmp_path}", *overrides])

@@ -13,7 +13,7 @@ import torch
 from common.errors import InputError
 from data.readers.prompts import read_coco_captions, read_i2p, read_text, read_toy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_same_prompt_and_seed_same_image_with_batch_1_and_8():

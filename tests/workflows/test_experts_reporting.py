@@ -11,7 +11,7 @@ import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:
 import workflows.compare as comparison
 import workflows.experts as safety_experts
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def composed(*overrides: str):

@@ -14,7 +14,7 @@ from data.readers.toy import ToyReader
 from data.toy import oracle as toy_oracle
 from models.cost_model import CostAdapter, SafetyCostModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY_COST = ROOT / "assets" / "toy" / "cost_model"
 
 

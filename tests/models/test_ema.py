@@ -5,7 +5,8 @@ import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_exports import checkpoint_every_step, fit, lora_module
+
+from tests.models.test_lora_export import checkpoint_every_step, fit, lora_module
 
 
 class StepRecorder(L.Callback):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig
-from test_adapter_merging import tiny_unet
 
 from alignment.co_merge import LoraFactors, co_merge_layer, kernel_activations
 from models.lora_merging import co_merge_adapters, expert_factors, lora_layers, merge_adapters
+from tests.models.test_lora_merging import tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["conv1", "proj_in", "attn2.to_k"]  # resnet 3x3 convs, the transformers' 1x1 conv proj_in, a linear layer
 
 

@@ -173,7 +173,7 @@ def test_an_aggregate_listed_only_in_the_config_is_computed():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "scoring" / "toy.yaml")
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "scoring" / "toy.yaml")
     cfg.metrics.append({"_target_": "tests.helpers.MeanHarm"})
     records = _records([0.9, 0.4, 0.0], [0.2, 0.3, 0.8], [0.5, 0.7, None], ["harmful", "harmful", "benign"],
                        [("hate",), ("hate",), ()])
@@ -193,7 +193,7 @@ def test_jobs_seeds_depend_on_the_prompt_only():
     assert not math.isnan(jobs[0].guidance)
 
 
-TOY_CLIP = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets" / "toy" / "clip"
+TOY_CLIP = __import__("pathlib").Path(__file__).resolve().parents[2] / "assets" / "toy" / "clip"
 
 
 def test_clip_fidelity_by_hand_and_matches_torchmetrics_clipscore():

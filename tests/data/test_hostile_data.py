@@ -1,7 +1,7 @@
 """Hostile data: CSV encodings and headers, CoProV2 pair keys, image paths leaving the dataset's folder,
 decompression bombs and degenerate images, corrupt latent caches, paths that are not files, bad parquet
 rows. Each gets one line naming the file and row (or key) and what was expected. The direct tests call the
-readers; tests/test_validation_table.py runs every case of hostile_data_cases.py through train.py."""
+readers; tests/workflows/test_validation_table.py runs every case of hostile_data_cases.py through train.py."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import solid_image
-from hostile_data_cases import CASES, COPRO_HEADER, COPRO_ROWS, bomb_png, coprov2, png_bytes
 from PIL import Image
 
 from common.errors import InputError
@@ -24,8 +23,9 @@ from data.readers.base import PairReader
 from data.readers.coprov2 import read_test_prompts
 from data.readers.dual import read_annotations
 from data.readers.prompts import read_coco_captions, read_i2p, read_text
+from tests.hostile_data_cases import CASES, COPRO_HEADER, COPRO_ROWS, bomb_png, coprov2, png_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -291,7 +291,7 @@ def test_bad_limits_name_their_key():
 def test_bombs_and_degenerate_images_are_skipped_with_on_bad_sample_skip(tiny_components, jsonl_pairs, tmp_path, caplog):
     import logging
 
-    from test_latent_cache import datamodule
+    from tests.data.test_latent_cache import datamodule
 
     (jsonl_pairs.parent / "img" / "l2.png").write_bytes(bomb_png(20000, 20000))
     (jsonl_pairs.parent / "img" / "w5.png").write_bytes(png_bytes((400, 20)))
@@ -312,7 +312,7 @@ def test_bombs_and_degenerate_images_are_skipped_with_on_bad_sample_skip(tiny_co
 # ------------------------------------------------------------------ the latent cache
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_a_corrupt_cache_file_names_itself_and_the_fix(tiny_components, jsonl_pairs, tmp_path, damage):
-    from test_latent_cache import datamodule
+    from tests.data.test_latent_cache import datamodule
 
     dm, _ = datamodule(tiny_components, jsonl_pairs, tmp_path / "cache")
     dm.setup("fit")

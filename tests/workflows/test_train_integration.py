@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -162,7 +162,8 @@ def test_scdpo_out_of_the_box_gets_costs_and_cost_model_task_saves(tmp_path):
 
 def test_scdpo_on_coprov2_and_pickapic_files_with_a_cost_model_and_benign_anchor(tiny_pipeline_dir, tmp_path):
     import pyarrow.parquet as pq
-    from test_readers import COPRO_ROWS, pickapic_table, write_coprov2
+
+    from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
 
     (tmp_path / "copro").mkdir()
     copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)

@@ -17,8 +17,8 @@ from data.readers.dual import (
     read_annotations,
 )
 from models.pair_costs import image_costs
+from tests.alignment.test_scdpo import errors
 from tests.conftest import ROOT, solid_image
-from tests.test_scdpo import errors
 
 TOY_COST = ROOT / "assets" / "toy" / "cost_model"
 

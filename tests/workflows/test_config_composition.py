@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
 from common.errors import InputError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def composed(*overrides: str):

@@ -87,7 +87,7 @@ def test_category_filter_and_validation_split(tiny_components, jsonl_pairs, tmp_
 
 
 def test_keep_uncategorized_adds_the_pairs_without_categories(tiny_components, jsonl_pairs, tmp_path):
-    from test_hostile_inputs import rewrite_jsonl
+    from tests.workflows.test_hostile_inputs import rewrite_jsonl
 
     # two of the hate pairs become clean pairs (no category)
     rewrite_jsonl(jsonl_pairs, lambda lines: [lines[i].update(categories=[]) for i in (0, 4)])

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_latent_cache import datamodule
 
 from common.errors import InputError
+from tests.data.test_latent_cache import datamodule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rewrite_jsonl(jsonl: Path, edit) -> None:

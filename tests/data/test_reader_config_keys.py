@@ -9,7 +9,7 @@ from hydra.utils import get_class, instantiate
 
 import workflows.cli  # noqa: F401 - registers the config schema and the ${repo:...} resolver
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def reader_of(*overrides: str):
@@ -30,7 +30,8 @@ def test_the_mixed_readers_take_the_keys_of_their_own_data_group(alone, mixed):
 
 def test_data_scp_passes_image_dir_to_the_coprov2_reader(tmp_path):
     import pyarrow.parquet as pq
-    from test_readers import pickapic_table
+
+    from tests.data.test_readers import pickapic_table
 
     (tmp_path / "train.csv").write_text("prompt,image,category\nx,u_idx_0_0.jpg,hate\ny,s_idx_0_0.jpg,hate\n")
     for name in ("u_idx_0_0.jpg", "s_idx_0_0.jpg"):

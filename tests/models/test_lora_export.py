@@ -8,7 +8,7 @@ import torch
 from conftest import random_batch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lora_module(components, **lora):
@@ -190,7 +190,7 @@ def test_retention_and_ema_from_the_command_line():
 @pytest.mark.slow
 def test_train_py_with_ema_keeps_two_checkpoints_and_exports_the_average(tiny_pipeline_dir, jsonl_pairs, tmp_path):
     """train.py end to end: retention by config, kohya file and card beside the final LoRA, EMA in the checkpoint."""
-    from test_train_integration import common, run_train
+    from tests.workflows.test_train_integration import common, run_train
 
     out = tmp_path / "run"
     result = run_train(out, *common(tiny_pipeline_dir, jsonl_pairs, tmp_path / "cache", steps=4), "objective=sft",

@@ -124,7 +124,7 @@ def _save_toy_expert(directory, targets, rank, seed):
     return save_unet_lora(unet, directory, "default").parent
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

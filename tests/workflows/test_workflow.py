@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LORA = Path("lora") / "final" / "pytorch_lora_weights.safetensors"
 
 

@@ -14,10 +14,11 @@ from typing import Callable
 
 import pytest
 import torch
-from hostile_data_cases import CASES as DATA_CASES
-from hostile_data_cases import HostileCase
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.hostile_data_cases import CASES as DATA_CASES
+from tests.hostile_data_cases import HostileCase
+
+ROOT = Path(__file__).resolve().parents[2]
 Make = Callable[[Path, Path], list[str]]
 
 
@@ -305,7 +306,7 @@ def test_evaluate_config(case, tmp_path, tiny_pipeline_dir, capsys, no_vae):
     check("evaluate", case, base, tmp_path, tiny_pipeline_dir, capsys)
 
 
-@pytest.mark.slow  # loads the tiny pipeline for most cases; tests/test_hostile_data.py tests each reader check directly
+@pytest.mark.slow  # loads the tiny pipeline for most cases; tests/data/test_hostile_data.py tests each reader check directly
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
 def test_train_data(case, tmp_path, tiny_pipeline_dir, capsys, monkeypatch, request):
     """Rows, columns, names and paths are refused while the data is read, before the model loads; an image is

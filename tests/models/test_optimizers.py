@@ -14,7 +14,7 @@ from common.errors import InputError
 from models.alignment_module import AlignmentModule
 from models.optimizers import build_optimizer, check_optimizer, optimizer_class
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ADAFACTOR = {"_target_": "transformers.optimization.Adafactor", "lr": 1e-3, "scale_parameter": False,
              "relative_step": False, "warmup_init": False}
 

@@ -15,7 +15,7 @@ from data.toy.world import ToyWorld
 from models.sampling import SamplerSettings
 from models.sampling import generate as sample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY_SD = ROOT / "assets" / "toy" / "sd"
 
 
