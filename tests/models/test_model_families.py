@@ -200,3 +200,24 @@ def test_sdxl_lora_export_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
         trained = SDXL_FAMILY.predict(module.unet, z, t, cond)
     assert (outputs[True] - outputs[False]).abs().max() > 1e-2  # the LoRA matters
     torch.testing.assert_close(outputs[True], trained, rtol=0, atol=1e-5)
+
+
+def test_sdxl_batch_reference_runs_policy_and_reference_in_one_forward(tiny_sdxl_dir, odd_pairs, tmp_path):
+    from alignment.dpo import DPO
+
+    dm = sdxl_datamodule(load_components(str(tiny_sdxl_dir)), odd_pairs, tmp_path / "cache")
+    dm.setup("fit")
+    batch = collate([dm.train_set.item(i) for i in range(3)])
+    errors = {}
+    for batched in (False, True):
+        components = load_components(str(tiny_sdxl_dir))
+        module = AlignmentModule(components.unet, components.noise_scheduler, DPO(), lora={"rank": 4},
+                                 family=components.family, batch_reference=batched)
+        g = torch.Generator().manual_seed(1)
+        for _, p in module.trainable_parameters():
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+        with torch.no_grad():
+            errors[batched] = module.pair_errors(batch, torch.Generator().manual_seed(0))
+    assert (errors[False].policy_w - errors[False].ref_w).abs().max() > 1e-4  # the adapters matter
+    for name in ("policy_w", "policy_l", "ref_w", "ref_l"):
+        torch.testing.assert_close(getattr(errors[True], name), getattr(errors[False], name), rtol=1e-4, atol=1e-6)
