@@ -221,3 +221,16 @@ def test_sdxl_batch_reference_runs_policy_and_reference_in_one_forward(tiny_sdxl
     assert (errors[False].policy_w - errors[False].ref_w).abs().max() > 1e-4  # the adapters matter
     for name in ("policy_w", "policy_l", "ref_w", "ref_l"):
         torch.testing.assert_close(getattr(errors[True], name), getattr(errors[False], name), rtol=1e-4, atol=1e-6)
+
+
+def test_sd_family_conditioning_is_the_sd_pipelines(tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    components = load_components(str(tiny_pipeline_dir))
+    assert components.family is SD_FAMILY and components.text_encoder_2 is None
+    assert SD_FAMILY.prompt_keys == ("prompt_embeds",) and SD_FAMILY.image_keys == ()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    embeds, _ = pipe.encode_prompt(["a red circle"], torch.device("cpu"), 1, do_classifier_free_guidance=False)
+    ours = ConditionEncoder(components).encode_prompt_tensors(["a red circle"])
+    torch.testing.assert_close(ours["prompt_embeds"], embeds.float(), rtol=1e-5, atol=1e-5)
+    assert isinstance(components.pipeline(), StableDiffusionPipeline)
