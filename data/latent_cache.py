@@ -59,6 +59,8 @@ class LatentEncoder(Protocol):
 
     def image_conditioning(self, geometry: ImageGeometry) -> dict[str, torch.Tensor]: ...
 
+    def unconditional_tensors(self) -> dict[str, torch.Tensor]: ...
+
 
 def uncond_key(name: str) -> str:
     """The cache's name for the empty prompt's ``name`` tensor (``uncond_embeds`` for ``prompt_embeds``)."""
@@ -131,7 +133,7 @@ def build_cache(directory: Path, pairs: Sequence[PreferencePair], encoder: Laten
     lookup = {prompt: i for i, prompt in enumerate(prompts)}
     encoded = [encoder.encode_prompt_tensors(prompts[i:i + batch_size])
                for i in tqdm(range(0, len(prompts), batch_size), desc="Caching text embeddings", unit="batch")]
-    empty = encoder.encode_prompt_tensors([""])
+    empty = encoder.unconditional_tensors()  # the family's: SD the empty prompt, SDXL zeros
     tensors = {k: torch.cat(v).contiguous() for k, v in chunks.items()}
     for key in encoder.prompt_keys:
         tensors[key] = torch.cat([e[key].to(dtype).cpu() for e in encoded]).contiguous()

@@ -5,6 +5,7 @@ this class holds one checkpoint's frozen encoders and hands the data package wha
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -40,7 +41,9 @@ class ConditionEncoder:
     def fingerprint(self) -> str:
         """Digest of the encoders' configs and weights (computed once)."""
         if self._fingerprint is None:
-            self._fingerprint = self.components.encoder_fingerprint()
+            digest = self.components.encoder_fingerprint()
+            kind = self.family.unconditional_kind  # "" (the empty prompt's encoding) keeps SD's keys as they were
+            self._fingerprint = hashlib.sha256(f"{digest}:{kind}".encode()).hexdigest()[:16] if kind else digest
         return self._fingerprint
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ConditionEncoder":
@@ -78,6 +81,15 @@ class ConditionEncoder:
         # cache's fingerprint digests, and this check's unpadded calls leave it as a fresh tokenizer has it
         self._warn_truncation(prompts)
         return encoded
+
+    @torch.no_grad()
+    def unconditional_tensors(self) -> dict[str, Tensor]:
+        """The family's unconditional prompt, one float tensor per :attr:`prompt_keys` (batch of one): what prompt
+        dropout trains on (SD: the empty prompt's encoding; SDXL: zeros)."""
+        tensors = {k: v.float() for k, v in self.family.unconditional(self.components, self.device).items()}
+        for _, _, tokenizer in self.components.text_encoders():
+            tokenizer("")  # an unpadded call leaves a fast tokenizer's state as a fresh one has it (see above)
+        return tensors
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Prompts to their main conditioning tensor ``prompt_embeds`` ``[B, L, D]``."""

@@ -121,6 +121,14 @@ class ModelFamily(ABC):
     def encode_prompts(self, components: Components, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         """Prompts to a dict with one float tensor per :attr:`prompt_keys`, batch first."""
 
+    #: how :meth:`unconditional` is made, digested into latent cache keys ("" for the empty prompt's encoding)
+    unconditional_kind: ClassVar[str] = ""
+
+    def unconditional(self, components: Components, device: torch.device) -> dict[str, Tensor]:
+        """The unconditional prompt's tensors (batch of one) that prompt dropout (``data.p_uncond``) trains on,
+        as the family's pipeline conditions unconditional guidance: the empty prompt's encoding by default."""
+        return self.encode_prompts(components, [""], device)
+
     def image_conditioning(self, geometry: ImageGeometry) -> dict[str, Tensor]:
         """One tensor per :attr:`image_keys` from an image's preprocessing geometry (none by default)."""
         return {}

@@ -58,6 +58,13 @@ class SDXLFamily(NoisePredictionFamily):
                 pooled = out[0]
         return {"prompt_embeds": torch.cat(hidden, dim=-1).float(), "pooled_prompt_embeds": pooled.float()}
 
+    unconditional_kind = "zeros"
+
+    def unconditional(self, components: Components, device: torch.device) -> dict[str, Tensor]:
+        """Zeros for the prompt and pooled embeddings: ``StableDiffusionXLPipeline``'s unconditional prompt
+        (``force_zeros_for_empty_prompt=True``, as SDXL was trained to drop its prompts)."""
+        return {k: torch.zeros_like(v) for k, v in self.encode_prompts(components, [""], device).items()}
+
     def image_conditioning(self, geometry: ImageGeometry) -> dict[str, Tensor]:
         return {"time_ids": time_ids(geometry)}
 

@@ -114,11 +114,22 @@ def test_sdxl_cache_serves_pooled_embeddings_and_time_ids(sdxl, odd_pairs, tmp_p
 def test_prompt_dropout_drops_every_sdxl_prompt_tensor(sdxl, odd_pairs, tmp_path):
     dm = sdxl_datamodule(sdxl, odd_pairs, tmp_path / "cache", p_uncond=1.0)
     dm.setup("fit")
-    empty = dm.encoder.encode_prompt_tensors([""])
     item = dm.train_set[0]
-    torch.testing.assert_close(item["prompt_embeds"], empty["prompt_embeds"][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(item["pooled_prompt_embeds"], empty["pooled_prompt_embeds"][0], rtol=1e-5, atol=1e-5)
+    # SDXL's unconditional prompt is zeros (StableDiffusionXLPipeline's force_zeros_for_empty_prompt), not ""
+    assert item["prompt_embeds"].shape == (77, 64) and not item["prompt_embeds"].any()
+    assert item["pooled_prompt_embeds"].shape == (32,) and not item["pooled_prompt_embeds"].any()
+    assert dm.encoder.encode_prompt_tensors([""])["pooled_prompt_embeds"].any()
     assert item["time_ids_w"].tolist() == [24, 40, 0, 5, 16, 16]  # the image's own conditioning stays
+
+
+def test_each_family_owns_its_unconditional_prompt(tiny_components, sdxl):
+    sd_encoder = ConditionEncoder(tiny_components)
+    torch.testing.assert_close(sd_encoder.unconditional_tensors()["prompt_embeds"],
+                               sd_encoder.encode_prompt_tensors([""])["prompt_embeds"])
+    xl = ConditionEncoder(sdxl).unconditional_tensors()
+    assert set(xl) == {"prompt_embeds", "pooled_prompt_embeds"} and not any(v.any() for v in xl.values())
+    pipe = sdxl.pipeline()
+    assert pipe.config.force_zeros_for_empty_prompt  # what the pipeline samples the unconditional branch with
 
 
 def test_sdxl_pair_errors_call_the_unet_with_added_conditioning(tiny_sdxl_dir, odd_pairs, tmp_path):
