@@ -30,6 +30,7 @@ from data.datamodule import CONDITIONS
 from data.readers.base import path_problem
 from models.alignment_module import check_batch_reference, check_frozen_dtype
 from models.attention_backend import check_attention_backend
+from models.families import FAMILIES
 from models.hub import pretrained_file, unet_config_digest
 from models.lora_io import read_lora
 from models.optimizers import check_optimizer
@@ -132,6 +133,7 @@ def existing_path(key: str, value: str | Path) -> Path:
 def check_model(cfg: DictConfig, training: bool = True) -> None:
 
     m = cfg.model
+    choice(cfg, "model.family", ["auto", *sorted(FAMILIES)])  # before anything loads: auto reads model_index.json
     pretrained = str(m.pretrained)
     local = Path(pretrained).expanduser()
     if local.exists() or pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:
