@@ -25,6 +25,17 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return directory / "pipeline"
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline (two text encoders, text_time added conditioning) in diffusers layout."""
+    from models.builders import build_sdxl_components, save_components
+
+    directory = tmp_path_factory.mktemp("tiny_sdxl")
+    words = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
+    save_components(build_sdxl_components(directory / "_build", words=words), directory / "pipeline")
+    return directory / "pipeline"
+
+
 def solid_image(path: Path, color: tuple[int, int, int], size: int = 24) -> Path:
     from PIL import Image
 

@@ -18,22 +18,12 @@ from data.datamodule import PreferenceDataModule, collate
 from data.pairs import preprocess_with_geometry
 from data.readers.jsonl import JsonlReader
 from models.alignment_module import AlignmentModule
-from models.builders import build_sdxl_components, save_components
 from models.components import load_components
 from models.encoders import ConditionEncoder
 from models.families import SD_FAMILY, SDXL_FAMILY, family_for
 from models.lora_io import LORA_WEIGHT_NAME, save_unet_lora
 from models.sampling import SamplerSettings, generate, use_scheduler
 from tests.conftest import ROOT
-
-WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_sdxl")
-    save_components(build_sdxl_components(directory / "_build", words=WORDS), directory / "pipeline")
-    return directory / "pipeline"
 
 
 @pytest.fixture(scope="module")

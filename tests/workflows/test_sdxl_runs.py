@@ -1,0 +1,106 @@
+"""train.py and evaluate.py end to end on a tiny random SDXL pipeline: every objective a few steps, SafetyDPO's
+experts merged (Co-Merge, linear) and evaluated, and evaluate.py on the merged LoRA. The model family comes
+from the checkpoint's model_index.json (model=sd15's config with an SDXL directory)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, solid_image
+from tests.workflows.test_train_integration import metrics_rows
+
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / script), f"hydra.run.dir={out}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def sdxl(pipeline: Path, cache: Path, steps: int = 2) -> list[str]:
+    """A tiny SDXL run: LoRA rank 4, batch 2, CPU, a CSV log per step."""
+    return [f"model.pretrained={pipeline}", "model.lora.rank=4", "model.lora.alpha=8", "data.num_workers=0",
+            "data.batch_size=2", "data.val_fraction=0", f"data.cache_dir={cache}", "logger=csv",
+            "trainer.accelerator=cpu", f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1",
+            "~callbacks.toy_report", "model.optimizer.lr=1e-2"]
+
+
+def lora_written(out: Path) -> bool:
+    return (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_sft_and_dpo_on_sdxl(objective, tiny_sdxl_dir, jsonl_pairs, tmp_path):
+    out = tmp_path / "run"
+    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "data=jsonl", f"data.path={jsonl_pairs}",
+                 f"objective={objective}", "data.p_uncond=0.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([r for r in metrics_rows(out) if r.get("train/loss")]) == 2
+    assert lora_written(out)
+
+
+def test_scdpo_on_sdxl_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sdxl_dir, tmp_path):
+    from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
+
+    (tmp_path / "copro").mkdir()
+    copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
+    pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
+    out = tmp_path / "run"
+    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
+                 f"data.reader.harmful.path={copro}", f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}",
+                 f"data.cost_model={ROOT / 'assets/toy/cost_model'}", "model.benign_anchor=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/loss")]
+    assert len(rows) == 2 and any(r.get("train/safety_margin") for r in rows)
+    assert lora_written(out)
+
+
+def test_spo_on_sdxl_with_dual_annotations(tiny_sdxl_dir, tmp_path):
+    lines = []
+    for i in range(4):
+        for j, (color, quality, unsafe) in enumerate([((200, 20, 20), 0.9, 0.1), ((20, 20, 200), 0.4, 0.8)]):
+            solid_image(tmp_path / "data" / f"{i}_{j}.png", (color[0], color[1] + i, color[2]))
+            lines.append(json.dumps({"prompt": f"a red circle {i}", "image": f"{i}_{j}.png", "quality": quality,
+                                     "unsafe": unsafe, "categories": ["violence"]}))
+    (tmp_path / "data" / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "objective=spo", "data=dual",
+                 f"data.path={tmp_path / 'data' / 'annotations.jsonl'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
+    assert rows and min(float(r["train/reward_margin"]) for r in rows) >= 0.1
+    assert lora_written(out)
+
+
+def test_safetydpo_experts_merge_and_evaluate_on_sdxl(tiny_sdxl_dir, jsonl_pairs, tmp_path):
+    (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")  # toy scorer
+    (tmp_path / "benign.txt").write_text("a green circle on navy\n")
+    evaluation = ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
+                  f"prompts.sets.benign.path={tmp_path / 'benign.txt'}", "images_per_prompt=1",
+                  "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
+                  f"cache_dir={tmp_path / 'eval_cache'}"]
+    out = tmp_path / "safetydpo"
+    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
+                 "data=jsonl", f"data.path={jsonl_pairs}", "experts=[violence,hate]", "logger=none",
+                 "merge.method=[co_merge,linear]", "merge.calibration_prompts=4",
+                 f"evaluation.overrides=[{','.join(repr(o) for o in evaluation)}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("co_merge", "linear"):
+        assert (out / "merged" / method / "pytorch_lora_weights.safetensors").is_file()
+    results = json.loads((out / "comparison.json").read_text())
+    assert {"base", "expert_violence", "expert_hate", "merged_co_merge", "merged_linear"} <= set(results)
+
+    # evaluate.py on the merged LoRA: the SDXL pipeline samples base and aligned
+    evaluated = tmp_path / "eval"
+    result = run("evaluate.py", evaluated, f"model.pretrained={tiny_sdxl_dir}",
+                 f"lora={out / 'merged' / 'co_merge'}", *evaluation, "device=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert {"ip", "uas", "benign_fidelity"} <= set(metrics["aligned"])
