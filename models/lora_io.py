@@ -1,5 +1,6 @@
-"""Export LoRA adapters in the diffusers format that ``StableDiffusionPipeline.load_lora_weights`` reads, and in
-the kohya-ss format that AUTOMATIC1111, ComfyUI and kohya's scripts read."""
+"""Export LoRA adapters in the diffusers format that ``StableDiffusionPipeline.load_lora_weights`` (and
+``StableDiffusionXLPipeline``'s) reads, and in the kohya-ss format that AUTOMATIC1111, ComfyUI and kohya's scripts
+read: one key scheme for every UNet family (SD 1.x/2.x and SDXL), ``lora_unet_<module path, dots as _>``."""
 from __future__ import annotations
 
 import os

@@ -209,3 +209,47 @@ def test_train_py_with_ema_keeps_two_checkpoints_and_exports_the_average(tiny_pi
         key = "unet." + name.removeprefix("unet.").replace(".default.weight", ".weight")
         torch.testing.assert_close(exported[key], average, rtol=0, atol=1e-6)
         assert not torch.equal(state["state_dict"][name], average)  # the checkpoint keeps the training weights
+
+
+@pytest.mark.parametrize("targets", [None, ["to_k", "proj_in", "ff.net.0.proj", "conv1", "time_emb_proj"]])
+def test_sdxl_kohya_file_loads_in_the_sdxl_pipeline_as_the_same_lora(tiny_sdxl_dir, tmp_path, targets):
+    """SDXL's kohya-ss file has the same scheme (``lora_unet_<module path, dots as _>``): the keys convert back to
+    the UNet's modules, and StableDiffusionXLPipeline loads it to the UNet the diffusers export gives."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.components import load_components
+    from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
+
+    module = lora_module(load_components(str(tiny_sdxl_dir)), **({"target_modules": targets} if targets else {}))
+    g = torch.Generator().manual_seed(0)
+    for _, p in module.trainable_parameters():
+        p.data = 0.1 * torch.randn(p.shape, generator=g)
+    save_unet_lora(module.unet, tmp_path)
+    save_kohya_lora(module.unet, tmp_path)
+
+    kohya = load_file(tmp_path / KOHYA_WEIGHT_NAME)
+    adapted = {n for n, m in module.unet.named_modules() if "default" in getattr(m, "lora_A", {})}
+    by_key = {"lora_unet_" + n.replace(".", "_"): n for n in adapted}
+    assert len(by_key) == len(adapted)  # the key scheme is one-to-one on this UNet
+    modules = {k.rsplit(".", 1)[0] if k.endswith(".alpha") else k.rsplit(".", 2)[0] for k in kohya}
+    assert modules == set(by_key) and len(kohya) == 3 * len(adapted)
+
+    config = module.unet.config
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    c = torch.randn(1, 5, config.cross_attention_dim, generator=g)
+    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled_dim, generator=g),
+             "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])}
+    t = torch.tensor([500])
+    outputs = {}
+    for weight_name in (None, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        if weight_name:
+            pipe.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        with torch.no_grad():
+            outputs[weight_name] = pipe.unet(z, t, encoder_hidden_states=c, added_cond_kwargs=added).sample
+    assert (outputs[LORA_WEIGHT_NAME] - outputs[None]).abs().max() > 1e-2  # the LoRA matters
+    torch.testing.assert_close(outputs[KOHYA_WEIGHT_NAME], outputs[LORA_WEIGHT_NAME], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        trained = module.unet(z, t, encoder_hidden_states=c, added_cond_kwargs=added).sample
+    torch.testing.assert_close(outputs[KOHYA_WEIGHT_NAME], trained, rtol=0, atol=1e-5)

@@ -33,7 +33,8 @@ def sdxl(pipeline: Path, cache: Path, steps: int = 2) -> list[str]:
 
 
 def lora_written(out: Path) -> bool:
-    return (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    final = out / "lora" / "final"
+    return (final / "pytorch_lora_weights.safetensors").is_file() and (final / "lora_kohya.safetensors").is_file()
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
