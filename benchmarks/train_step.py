@@ -3,6 +3,11 @@
     python benchmarks/train_step.py --model toy                        # CPU, the shipped toy pipeline
     python benchmarks/train_step.py --model sd15-arch --batch 8 --device cuda --dtype bf16
     python benchmarks/train_step.py --model sd15-arch --resolution 64 --batch 1 --steps 3   # GPU path, tiny, on CPU
+    python benchmarks/train_step.py --model sdxl-arch --batch 4 --device cuda                # SDXL base 1.0's shapes
+    python benchmarks/train_step.py --model sdxl-tiny --batch 2 --steps 1                     # the SDXL path, tiny
+
+The model family decides what a step computes (``models/families/``): SDXL's reference encodes the prompts with
+both text encoders every step and its UNets take the pooled embedding and the time ids; ours reads them cached.
 
 Both variants run in this process, side by side, on the same random-weight components and batches:
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -45,8 +51,20 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from alignment.dpo import DPO
+from data.pairs import square_geometry
 from models.alignment_module import AlignmentModule
-from models.builders import SD15_TEXT, SD15_UNET, SD15_VAE, build_components
+from models.builders import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SDXL_PROJECTION,
+    SDXL_TEXT,
+    SDXL_TEXT_2,
+    SDXL_UNET,
+    SDXL_VAE,
+    build_components,
+    build_sdxl_components,
+)
 from models.components import SDComponents, load_components
 from models.sampling import SamplerSettings, generate, use_scheduler
 
@@ -55,7 +73,8 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # benchmark option -> model.compile value
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
 OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", "lightning", *COMPILE_MODES}
-CACHED_KEYS = ("latents_w", "latents_l", "prompt_embeds")  # what ours' latent cache yields per batch
+MODELS = ("toy", "sd15-arch", "sdxl-arch", "sdxl-tiny")
+PROMPT = "a photo of a red circle"
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
 
@@ -63,26 +82,60 @@ def components_for(model: str, tmp: Path) -> SDComponents:
     if model == "toy":
         return load_components(str(ROOT / "assets" / "toy" / "sd"))
 
-    return build_components(tmp / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT,
-                            words=["a", "photo", "of", "red", "circle"])
+    words = ["a", "photo", "of", "red", "circle"]
+    if model == "sdxl-arch":
+        return build_sdxl_components(tmp / "sdxl", unet=SDXL_UNET, vae=SDXL_VAE, text=SDXL_TEXT, text_2=SDXL_TEXT_2,
+                                     projection_dim=SDXL_PROJECTION, words=words)
+    if model == "sdxl-tiny":
+        return build_sdxl_components(tmp / "sdxl_tiny", words=words)
+    return build_components(tmp / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, words=words)
+
+
+def cached_keys(components: SDComponents) -> tuple[str, ...]:
+    """What ours' latent cache yields per batch: both sides' latents, the family's per-prompt tensors and its
+    per-image-side ones (SDXL's time ids)."""
+    family = components.family
+    return ("latents_w", "latents_l", *family.prompt_keys, *(f"{k}_{s}" for k in family.image_keys for s in "wl"))
 
 
 def make_batch(components: SDComponents, pairs: int, resolution: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What each variant's data loader hands over, in host memory: images and token ids for the reference;
-    cached latents and embeddings for ours."""
+    """What each variant's data loader hands over, in host memory: images and token ids (one row per text
+    encoder) for the reference; cached latents, the family's prompt tensors and per-image tensors for ours."""
     g = torch.Generator().manual_seed(seed)
-    ids = components.tokenizer(["a photo of a red circle"] * pairs, padding="max_length", truncation=True,
-                               max_length=components.tokenizer.model_max_length, return_tensors="pt").input_ids
+    family = components.family
+    ids = torch.stack([token_ids(tokenizer, [PROMPT] * pairs) for _, _, tokenizer in components.text_encoders()])
     latent = resolution // (2 ** (len(components.vae.config.block_out_channels) - 1))
     with torch.no_grad():
-        embeds = components.text_encoder(ids[:1])[0].repeat(pairs, 1, 1)
-    return {
+        encoded = family.encode_prompts(components, [PROMPT], torch.device("cpu"))
+    batch = {
         "pixels": torch.randint(0, 256, (2 * pairs, 3, resolution, resolution), generator=g, dtype=torch.uint8),
         "input_ids": ids,
         "latents_w": torch.randn(pairs, 4, latent, latent, generator=g),
         "latents_l": torch.randn(pairs, 4, latent, latent, generator=g),
-        "prompt_embeds": embeds.float(),
+        **{k: v.float().repeat(pairs, *([1] * (v.ndim - 1))) for k, v in encoded.items()},
     }
+    image = family.image_conditioning(square_geometry(resolution))  # square images, no crop (SDXL's time ids)
+    for key, value in image.items():
+        for side in "wl":
+            batch[f"{key}_{side}"] = value.float().repeat(pairs, 1)
+    return batch
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+class IdsTokenizer:
+    """Stands in for a tokenizer inside the reference's text encoding: the data loader tokenized already, so
+    ``encode_prompts`` gets the batch's ids back (whatever the "prompts" it is given)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids = tokenizer, None
+        self.model_max_length = tokenizer.model_max_length
+
+    def __call__(self, prompts, **kwargs):
+        return type("Tokens", (), {"input_ids": self.ids})()
 
 
 def recipe_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> torch.Tensor:
@@ -122,7 +175,12 @@ class Reference(Variant):
 
         self.device, self.beta = device, beta
         self.vae = copy.deepcopy(components.vae).requires_grad_(False).to(device)
-        self.text = copy.deepcopy(components.text_encoder).requires_grad_(False).to(device)
+        # the family's text encoding on copies of its encoders, fed the loader's token ids
+        self.family, self.tokenizers = components.family, [IdsTokenizer(t) for _, _, t in components.text_encoders()]
+        texts = [copy.deepcopy(e).requires_grad_(False).to(device) for _, e, _ in components.text_encoders()]
+        self.encoders = dataclasses.replace(components, text_encoder=texts[0], tokenizer=self.tokenizers[0],
+                                            text_encoder_2=texts[1] if len(texts) > 1 else None,
+                                            tokenizer_2=self.tokenizers[1] if len(texts) > 1 else None)
         self.scheduler = components.noise_scheduler
         self.ref = copy.deepcopy(components.unet).requires_grad_(False).to(device).eval()
         self.policy = copy.deepcopy(components.unet).requires_grad_(False)
@@ -140,17 +198,21 @@ class Reference(Variant):
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         pixels = batch["pixels"].to(self.device, non_blocking=True).float().div(127.5).sub(1)
         ids = batch["input_ids"].to(self.device, non_blocking=True)
-        n = ids.shape[0]
+        for tokenizer, rows in zip(self.tokenizers, ids):
+            tokenizer.ids = rows
+        n = ids.shape[1]
+        image = {k: batch[k].to(self.device, non_blocking=True) for k in batch if k.startswith("time_ids_")}
         with self.autocast:
             with torch.no_grad():
                 latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
-                cond = self.text(ids)[0].repeat(2, 1, 1)
+                encoded = self.family.encode_prompts(self.encoders, [PROMPT] * n, self.device)
+                cond = self.family.conditioning({**encoded, **image}, ("w", "l"))
             noise = torch.randn_like(latents[:n]).repeat(2, 1, 1, 1)
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=self.device).repeat(2)
             noisy = self.scheduler.add_noise(latents, noise, t)
-            pred = self.policy(noisy, t, encoder_hidden_states=cond).sample
+            pred = self.family.predict(self.policy, noisy, t, cond)
             with torch.no_grad():
-                ref = self.ref(noisy, t, encoder_hidden_states=cond).sample
+                ref = self.family.predict(self.ref, noisy, t, cond)
             err = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
             ref_err = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
             loss = recipe_dpo_loss(err, ref_err, self.beta)
@@ -164,10 +226,10 @@ class Ours(Variant):
     """The project's path: ``AlignmentModule`` (as ``train.py`` builds it) on cached latents."""
 
     def __init__(self, components: SDComponents, device: torch.device, beta: float, options: set[str]) -> None:
-        self.device = device
+        self.device, self.keys = device, cached_keys(components)
         self.bf16 = bf16 = "bf16" in options
         self.module = AlignmentModule(
-            copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA,
+            copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA, family=components.family,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
             channels_last="channels_last" in options, batch_reference="batched" in options,
             attention_backend="cudnn" if "cudnn_attention" in options else None,
@@ -178,7 +240,7 @@ class Ours(Variant):
         self.generator = torch.Generator().manual_seed(0)
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
-        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in CACHED_KEYS}
+        on_device = {k: batch[k].to(self.device, non_blocking=True) for k in self.keys}
         with self.autocast:
             out = self.module.compute(on_device, self.generator)
         self.module.backward(out.loss)  # the module's hook, as Lightning calls it
@@ -192,7 +254,7 @@ class OursTrainer(Ours):
     progress bar is off. Its FLOPs and ``--profile`` come from the bare step, which does the same work."""
 
     def rates(self, batch: dict, pairs: int, steps: int, warmup: int, repeats: int) -> list[float]:
-        cached = {k: batch[k] for k in CACHED_KEYS}
+        cached = {k: batch[k] for k in self.keys}
         boundaries = [warmup + r * steps for r in range(repeats + 1)]
         timer = BoundaryTimer(self.device, boundaries)
         loader = DataLoader([cached] * (boundaries[-1] + 1), batch_size=None, pin_memory=self.device.type == "cuda")
@@ -299,7 +361,7 @@ def sampling_rate(components: SDComponents, device: torch.device, scheduler: str
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["toy", "sd15-arch"], default="toy")
+    parser.add_argument("--model", choices=MODELS, default="toy")
     parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     parser.add_argument("--steps", type=int, default=10)

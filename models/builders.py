@@ -55,6 +55,23 @@ TINY_SDXL_UNET: dict[str, Any] = dict(
     attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
     addition_embed_type="text_time", addition_time_embed_dim=8, norm_num_groups=32,
 )
+# The SDXL base 1.0 architecture (published config values of its unet/, vae/, text_encoder/ and text_encoder_2/), for
+# benchmarks; build_sdxl_components derives cross_attention_dim (768 + 1280 = 2048) and the added-embedding input
+# (6 x 256 + 1280 = 2816) from the text encoders, as the published UNet config has them.
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, norm_num_groups=32,
+)
+SDXL_VAE: dict[str, Any] = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025}
+SDXL_TEXT: dict[str, Any] = {k: v for k, v in SD15_TEXT.items() if k != "projection_dim"}  # CLIP ViT-L/14
+SDXL_TEXT_2: dict[str, Any] = dict(  # OpenCLIP ViT-bigG/14 text tower, with a 1280 projection (projection_dim)
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+    hidden_act="gelu",
+)
+SDXL_PROJECTION = 1280
 DDPM_SD: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",

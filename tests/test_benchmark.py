@@ -62,3 +62,31 @@ def test_an_unknown_option_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         train_step.main(["--model", "toy", "--also", "bf16,cudnn_attn"])
     assert "unknown option(s) ['cudnn_attn']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs_the_sdxl_path_on_a_tiny_sdxl(capsys):
+    """sdxl-tiny: the sdxl-arch code path (the reference encodes with both text encoders every step, both variants
+    pass the pooled embedding and time ids) on a tiny random SDXL."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    rows = train_step.main(["--model", "sdxl-tiny", "--batch", "1", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                            "--sampling-steps", "0"])
+    assert [r["variant"] for r in rows] == ["reference", "ours"]
+    assert all(r["median"] > 0 for r in rows) and rows[1]["gflop_step"] < rows[0]["gflop_step"]
+    assert "model sdxl-tiny" in capsys.readouterr().out
+
+
+def test_sdxl_arch_has_the_published_sdxl_base_unet():
+    """The benchmark's sdxl-arch UNet config is SDXL base 1.0's: 2,567,463,684 parameters (built on the meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from models.builders import SDXL_PROJECTION, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET
+
+    cross = SDXL_TEXT["hidden_size"] + SDXL_TEXT_2["hidden_size"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET, cross_attention_dim=cross,
+                                    projection_class_embeddings_input_dim=6 * SDXL_UNET["addition_time_embed_dim"] + SDXL_PROJECTION)
+    assert cross == 2048 and sum(p.numel() for p in unet.parameters()) == 2_567_463_684
