@@ -37,14 +37,22 @@ def lora_written(out: Path) -> bool:
     return (final / "pytorch_lora_weights.safetensors").is_file() and (final / "lora_kohya.safetensors").is_file()
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
-def test_sft_and_dpo_on_sdxl(objective, tiny_sdxl_dir, jsonl_pairs, tmp_path):
+VALIDATION = ["callbacks=uas_validation", "callbacks.alignment_validation.every_n_steps=2",
+              "callbacks.alignment_validation.images_per_prompt=1", "callbacks.alignment_validation.sampler.num_inference_steps=2",
+              "+callbacks.alignment_validation.sampler.height=32", "+callbacks.alignment_validation.sampler.width=32"]
+
+
+@pytest.mark.parametrize("objective, extra", [("sft", []), ("dpo", VALIDATION)], ids=["sft", "dpo-with-validation"])
+def test_sft_and_dpo_on_sdxl(objective, extra, tiny_sdxl_dir, jsonl_pairs, tmp_path):
     out = tmp_path / "run"
     result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "data=jsonl", f"data.path={jsonl_pairs}",
-                 f"objective={objective}", "data.p_uncond=0.5")
+                 f"objective={objective}", "data.p_uncond=0.5", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len([r for r in metrics_rows(out) if r.get("train/loss")]) == 2
+    rows = metrics_rows(out)
+    assert len([r for r in rows if r.get("train/loss")]) == 2
     assert lora_written(out)
+    if extra:  # the UAS validation callback sampled with the SDXL pipeline at step 2
+        assert any(r.get("val/uas") for r in rows), sorted(rows[-1])
 
 
 def test_scdpo_on_sdxl_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sdxl_dir, tmp_path):
