@@ -53,6 +53,7 @@ def test_sampler_dtype_bfloat16_draws_the_float32_images_up_to_rounding():
     assert 0 < error.max() and error.mean() < 0.02  # rounding differs, the images do not
 
 
+@pytest.mark.slow
 def test_two_process_validation_gives_the_one_process_uas(tmp_path):
     results = {}
     for devices in (1, 2):

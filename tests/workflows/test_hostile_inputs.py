@@ -99,18 +99,28 @@ def _toy_lora(directory: Path, unet_dir: Path, truncate: bool = False) -> Path:
     return directory
 
 
+def _other_and_broken_loras(tiny_pipeline_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    other = _toy_lora(tmp_path / "other_arch", tiny_pipeline_dir / "unet")
+    broken = _toy_lora(tmp_path / "broken", ROOT / "assets" / "toy" / "sd" / "unet", truncate=True)
+    return other, broken
+
+
 def test_lora_of_another_architecture_or_truncated_is_one_line(tiny_pipeline_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from workflows.merge import load_experts
 
     toy = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "toy" / "sd" / "unet")
-    other = _toy_lora(tmp_path / "other_arch", tiny_pipeline_dir / "unet")
+    other, broken = _other_and_broken_loras(tiny_pipeline_dir, tmp_path)
     with pytest.raises(InputError, match=r"merge\.experts\[0\]: .*other_arch.* does not fit the base UNet"):
         load_experts(toy, [other])
-    broken = _toy_lora(tmp_path / "broken", ROOT / "assets" / "toy" / "sd" / "unet", truncate=True)
     with pytest.raises(InputError, match=r"merge\.experts\[0\]: cannot read LoRA .*broken"):
         load_experts(toy, [broken])
+
+
+@pytest.mark.slow
+def test_evaluate_py_names_a_lora_of_another_architecture_or_truncated_in_one_line(tiny_pipeline_dir, tmp_path):
+    other, broken = _other_and_broken_loras(tiny_pipeline_dir, tmp_path)
     for lora, expected in ((other, f"lora: {other} does not fit"), (broken, f"lora: cannot read LoRA {broken}")):
         result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"lora={lora}", f"hydra.run.dir={tmp_path / 'ev'}"],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -121,8 +131,9 @@ def test_lora_of_another_architecture_or_truncated_is_one_line(tiny_pipeline_dir
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_step=5", "unknown config key trainer.max_step (did you mean trainer.max_steps?)"),
-    ("objective.betta=5", "unknown config key objective.betta (did you mean objective.beta?)"),
-    ("objectiv=dpo", "unknown config key objectiv (did you mean objective?)"),
+    pytest.param("objective.betta=5", "unknown config key objective.betta (did you mean objective.beta?)",
+                 marks=pytest.mark.slow),
+    pytest.param("objectiv=dpo", "unknown config key objectiv (did you mean objective?)", marks=pytest.mark.slow),
 ])
 def test_config_typo_is_one_line_with_a_suggestion(override, expected):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), override], cwd=ROOT, capture_output=True,
