@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import statistics
 import sys
 import tempfile
@@ -145,6 +146,15 @@ def recipe_dpo_loss(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> to
     return -torch.nn.functional.logsigmoid(-beta * 0.5 * diff).mean()
 
 
+def variant_copy(module: torch.nn.Module, share: bool) -> torch.nn.Module:
+    """A variant's own copy of a component. With ``share`` (on the CPU, where the tables report no memory) the
+    copy's parameters and buffers are the original's tensors: variants only read frozen weights, and SDXL's
+    reference (two UNets, two text encoders beside the originals) would not fit in 24 GiB of RAM otherwise."""
+    if not share:
+        return copy.deepcopy(module)
+    return copy.deepcopy(module, {id(t): t for t in itertools.chain(module.parameters(), module.buffers())})
+
+
 class Variant:
     """One side of the comparison: a training ``step`` on a host batch, timed by :meth:`rates`."""
     device: torch.device
@@ -174,16 +184,17 @@ class Reference(Variant):
     def __init__(self, components: SDComponents, device: torch.device, beta: float) -> None:
 
         self.device, self.beta = device, beta
-        self.vae = copy.deepcopy(components.vae).requires_grad_(False).to(device)
+        share = device.type == "cpu"  # nothing below casts or moves weights on the CPU
+        self.vae = variant_copy(components.vae, share).requires_grad_(False).to(device)
         # the family's text encoding on copies of its encoders, fed the loader's token ids
         self.family, self.tokenizers = components.family, [IdsTokenizer(t) for _, _, t in components.text_encoders()]
-        texts = [copy.deepcopy(e).requires_grad_(False).to(device) for _, e, _ in components.text_encoders()]
+        texts = [variant_copy(e, share).requires_grad_(False).to(device) for _, e, _ in components.text_encoders()]
         self.encoders = dataclasses.replace(components, text_encoder=texts[0], tokenizer=self.tokenizers[0],
                                             text_encoder_2=texts[1] if len(texts) > 1 else None,
                                             tokenizer_2=self.tokenizers[1] if len(texts) > 1 else None)
         self.scheduler = components.noise_scheduler
-        self.ref = copy.deepcopy(components.unet).requires_grad_(False).to(device).eval()
-        self.policy = copy.deepcopy(components.unet).requires_grad_(False)
+        self.ref = variant_copy(components.unet, share).requires_grad_(False).to(device).eval()
+        self.policy = variant_copy(components.unet, share).requires_grad_(False)
         self.policy.add_adapter(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"],
                                            init_lora_weights="gaussian"))
         for unet in (self.ref, self.policy):
@@ -228,8 +239,9 @@ class Ours(Variant):
     def __init__(self, components: SDComponents, device: torch.device, beta: float, options: set[str]) -> None:
         self.device, self.keys = device, cached_keys(components)
         self.bf16 = bf16 = "bf16" in options
+        share = device.type == "cpu" and not options & {"bf16", "channels_last"}  # those two convert the weights
         self.module = AlignmentModule(
-            copy.deepcopy(components.unet), components.noise_scheduler, DPO(beta=beta), lora=LORA, family=components.family,
+            variant_copy(components.unet, share), components.noise_scheduler, DPO(beta=beta), lora=LORA, family=components.family,
             optimizer={"lr": 1e-5, "fused": "fused" in options}, frozen_dtype="bfloat16" if bf16 else "float32",
             channels_last="channels_last" in options, batch_reference="batched" in options,
             attention_backend="cudnn" if "cudnn_attention" in options else None,
