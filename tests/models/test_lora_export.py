@@ -241,14 +241,19 @@ def test_sdxl_kohya_file_loads_in_the_sdxl_pipeline_as_the_same_lora(tiny_sdxl_d
     added = {"text_embeds": torch.randn(1, pooled_dim, generator=g),
              "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])}
     t = torch.tensor([500])
-    outputs = {}
+    outputs, images = {}, {}
     for weight_name in (None, LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
         if weight_name:
             pipe.load_lora_weights(str(tmp_path), weight_name=weight_name)
         with torch.no_grad():
             outputs[weight_name] = pipe.unet(z, t, encoder_hidden_states=c, added_cond_kwargs=added).sample
+        pipe.set_progress_bar_config(disable=True)
+        images[weight_name] = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
+                                   generator=torch.Generator().manual_seed(1)).images
     assert (outputs[LORA_WEIGHT_NAME] - outputs[None]).abs().max() > 1e-2  # the LoRA matters
+    assert (images[LORA_WEIGHT_NAME] - images[None]).abs().max() > 1e-3  # ... to the image a fixed seed gives
+    torch.testing.assert_close(images[KOHYA_WEIGHT_NAME], images[LORA_WEIGHT_NAME], rtol=0, atol=1e-5)
     torch.testing.assert_close(outputs[KOHYA_WEIGHT_NAME], outputs[LORA_WEIGHT_NAME], rtol=0, atol=1e-5)
     with torch.no_grad():
         trained = module.unet(z, t, encoder_hidden_states=c, added_cond_kwargs=added).sample

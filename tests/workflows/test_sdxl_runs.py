@@ -113,3 +113,90 @@ def test_safetydpo_experts_merge_and_evaluate_on_sdxl(tiny_sdxl_dir, jsonl_pairs
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert {"ip", "uas", "benign_fidelity"} <= set(metrics["aligned"])
+
+
+def test_resume_and_two_process_ddp_on_sdxl(tiny_sdxl_dir, jsonl_pairs, tmp_path):
+    """A dpo run stopped at step 2 resumes from its last checkpoint to step 3; DDP on two CPU processes shards
+    the cached pairs (latents, both encoders' states, pooled embeddings, per-side time ids) and saves once."""
+    import torch
+
+    cache = tmp_path / "cache"
+    args = [*sdxl(tiny_sdxl_dir, cache), "data=jsonl", f"data.path={jsonl_pairs}", "objective=dpo",
+            "callbacks.model_checkpoint.every_n_train_steps=1"]
+    out = tmp_path / "run"
+    assert (result := run("train.py", out, *args)).returncode == 0, result.stderr[-3000:]
+    result = run("train.py", out, *args, "trainer.max_steps=3", "ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [int(r["step"]) for r in metrics_rows(out) if r.get("train/loss")]
+    assert steps == [0, 1, 2]  # the first run's two steps, then the resumed one
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 and lora_written(out)
+
+    ddp = tmp_path / "ddp"
+    result = run("train.py", ddp, *args, "trainer=ddp", "trainer.devices=2", "data.batch_size=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len([r for r in metrics_rows(ddp) if r.get("train/loss")]) == 2 and lora_written(ddp)
+
+
+def test_merge_task_on_sdxl_loras_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, jsonl_pairs, tmp_path):
+    """task=merge on two SDXL expert LoRAs (Co-Merge and a peft baseline): each merged LoRA loads with
+    StableDiffusionXLPipeline.load_lora_weights and changes the image a fixed seed gives."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.components import load_components
+    from models.lora_io import save_unet_lora
+    from tests.models.test_lora_export import lora_module
+
+    experts = []
+    for i in range(2):
+        module = lora_module(load_components(str(tiny_sdxl_dir)))
+        g = torch.Generator().manual_seed(i)
+        for _, p in module.trainable_parameters():
+            p.data = 0.3 * torch.randn(p.shape, generator=g)
+        experts.append(save_unet_lora(module.unet, tmp_path / f"expert_{i}").parent)
+    out = tmp_path / "merge"
+    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "task=merge", "data=jsonl",
+                 f"data.path={jsonl_pairs}", f"merge.experts=[{experts[0]},{experts[1]}]",
+                 "merge.method=[co_merge,ties_svd]", "merge.calibration_prompts=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def image(lora: Path | None) -> np.ndarray:
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(3)).images[0]
+
+    base = image(None)
+    for method in ("co_merge", "ties_svd"):
+        merged = image(out / "merged" / method)
+        assert np.abs(merged - base).max() > 1e-3, method
+
+
+def test_build_dual_and_compare_on_sdxl(tiny_sdxl_dir, tmp_path):
+    """task=build_dual samples the toy prompts with the SDXL pipeline and scores them; task=compare trains dpo
+    on SDXL and evaluates base and aligned with one protocol."""
+    size = ["+build.sampler.height=32", "+build.sampler.width=32"]
+    out = tmp_path / "build"
+    result = run("train.py", out, f"model.pretrained={tiny_sdxl_dir}", "task=build_dual", "build.prompts.limit=1",
+                 "build.images_per_prompt=1", "build.safe_images_per_prompt=1", "build.sampler.num_inference_steps=2",
+                 *size)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "dataset" / "annotations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 <= r["quality"] <= 1 and 0 <= r["unsafe"] <= 1 for r in rows), rows
+
+    out = tmp_path / "compare"
+    evaluation = ["images_per_prompt=1", "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",
+                  f"cache_dir={tmp_path / 'eval_cache'}"]
+    training = [f"model.pretrained={tiny_sdxl_dir}", "model.lora.rank=4", "model.lora.alpha=8", "trainer.max_steps=2",
+                "data.reader.images_per_prompt=1", "data.val_fraction=0", "data.batch_size=4", "data.num_workers=0",
+                f"data.cache_dir={tmp_path / 'cache'}"]
+    result = run("train.py", out, f"model.pretrained={tiny_sdxl_dir}", "task=compare", "compare.objectives=[dpo]",
+                 "compare.seeds=[0]", "logger=none", f"compare.overrides=[{','.join(repr(o) for o in training)}]",
+                 "compare.grid.harmful_per_category=1", "compare.grid.benign=1",
+                 f"evaluation.overrides=[{','.join(repr(o) for o in evaluation)}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(json.loads((out / "comparison.json").read_text())) == ["base", "dpo/seed0"]
+    assert (out / "grid.png").is_file()
