@@ -82,6 +82,7 @@ class AlignmentModule(L.LightningModule):
         scale_lr: bool = False,
         base_model: str | None = None,
         family: ModelFamily | None = None,
+        noise_sampling: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.objective = objective
@@ -104,7 +105,8 @@ class AlignmentModule(L.LightningModule):
         self.benign_anchor = float(benign_anchor)
         self.attention_backend = check_attention_backend(attention_backend)
         self.family.check_scheduler(noise_scheduler)
-        self.prediction_type = noise_scheduler.config.prediction_type
+        self.family.check_noise_sampling(noise_sampling)
+        self.noise_sampling = dict(noise_sampling) if noise_sampling else None
         check_batch_reference(batch_reference, lora, gradient_checkpointing)
         # Only trainable tensors are checkpointed; frozen weights come back from the pretrained model.
         self.strict_loading = False
@@ -212,8 +214,9 @@ class AlignmentModule(L.LightningModule):
         return host.to(device)
 
     @staticmethod
-    def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
-        return (a - b).pow(2).mean(dim=tuple(range(1, a.ndim)))
+    def _per_sample_mse(a: Tensor, b: Tensor, weights: Tensor | None = None) -> Tensor:
+        error = (a - b).pow(2).mean(dim=tuple(range(1, a.ndim)))
+        return error if weights is None else error * weights
 
     def pair_errors(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> PairErrors:
         """Policy (and, if the objective asks, reference) errors for the batch's winners and losers."""
@@ -224,11 +227,13 @@ class AlignmentModule(L.LightningModule):
         latents = torch.cat([z_w, batch["latents_l"]]) if uses_losers else z_w
         n_pairs, copies = z_w.shape[0], (2 if uses_losers else 1)
 
+        draw = dict(scheduler=self.noise_scheduler, shape=z_w.shape, t_min=self.t_min, t_max=self.t_max,
+                    noise_sampling=self.noise_sampling)
         if generator is not None:  # drawn on the host (reproducible anywhere), copied without a device sync
-            t = self._to_device(torch.randint(self.t_min, self.t_max + 1, (n_pairs,), generator=generator), z_w.device)
+            t = self._to_device(self.family.draw_timesteps(**draw, generator=generator), z_w.device)
             eps = self._to_device(torch.randn(z_w.shape, generator=generator, dtype=z_w.dtype), z_w.device)
         else:
-            t = torch.randint(self.t_min, self.t_max + 1, (n_pairs,), device=z_w.device)
+            t = self.family.draw_timesteps(**draw, device=z_w.device)
             eps = torch.randn_like(z_w)
         # the family's conditioning of every row (winners, then losers) and its noisy input and target
         cond = self.family.conditioning(batch, ("w", "l") if uses_losers else ("w",))
@@ -243,9 +248,10 @@ class AlignmentModule(L.LightningModule):
             if self.needs_reference:
                 with torch.no_grad(), self.reference() as ref_unet:
                     ref_pred = self._predict(ref_unet, z_t, t, cond)
+        weights = self.family.error_weights(t, self.noise_sampling)  # None: the plain mean squared error
         if ref_pred is not None:
-            ref = self._per_sample_mse(ref_pred, target) if self.objective.uses_reference else None
-            drift = self._per_sample_mse(policy_pred, ref_pred) if self.benign_anchor else None
+            ref = self._per_sample_mse(ref_pred, target, weights) if self.objective.uses_reference else None
+            drift = self._per_sample_mse(policy_pred, ref_pred, weights) if self.benign_anchor else None
 
         def split(e: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
             """Winners' and losers' halves of a per-sample tensor."""
@@ -253,7 +259,7 @@ class AlignmentModule(L.LightningModule):
                 return e, None
             return e[:n_pairs], e[n_pairs:]
 
-        (p_w, p_l), (r_w, r_l), (g_w, g_l) = split(self._per_sample_mse(policy_pred, target)), split(ref), split(drift)
+        (p_w, p_l), (r_w, r_l), (g_w, g_l) = split(self._per_sample_mse(policy_pred, target, weights)), split(ref), split(drift)
         return PairErrors(policy_w=p_w, policy_l=p_l, ref_w=r_w, ref_l=r_l, drift_w=g_w, drift_l=g_l)
 
     def compute(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> ObjectiveOutput:
@@ -344,7 +350,8 @@ class AlignmentModule(L.LightningModule):
         trainable = {n for n, _ in self.trainable_parameters()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["alignment"] = {"base_model": self.base_model,
-                                   "unet_config": unet_config_digest(self.base_model) if self.base_model else None}
+                                   "unet_config": unet_config_digest(self.base_model, denoiser=self.family.denoiser_name)
+                                   if self.base_model else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted({n for n, _ in self.trainable_parameters()} - set(checkpoint["state_dict"]))

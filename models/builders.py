@@ -9,13 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from models.components import SDComponents
 from models.families.base import Components
+from models.families.sd3 import SD3_FAMILY
 from models.families.sdxl import SDXL_FAMILY
-from models.tokenizer_files import write_clip_tokenizer
+from models.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
 
 TINY_UNET: dict[str, Any] = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -72,6 +80,14 @@ SDXL_TEXT_2: dict[str, Any] = dict(  # OpenCLIP ViT-bigG/14 text tower, with a 1
     hidden_act="gelu",
 )
 SDXL_PROJECTION = 1280
+# A tiny SD 3 MMDiT: two joint blocks (the last has no text output projection) over 2 x 2 patches; its text width (joint_attention_dim) is T5's, its pooled
+# input the two CLIP projections (2 x 32), as build_sd3_components derives them.
+TINY_SD3_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+    num_attention_heads=4, caption_projection_dim=32, pos_embed_max_size=32,
+)
+TINY_T5: dict[str, Any] = dict(d_model=64, d_ff=64, d_kv=16, num_layers=1, num_heads=4, relative_attention_num_buckets=8)
+FLOW_SD3: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)
 DDPM_SD: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
@@ -144,4 +160,46 @@ def build_sdxl_components(
         text_encoder_2=CLIPTextModelWithProjection(config(tokenizer_2, text_2, projection_dim=projection_dim)),
         tokenizer_2=tokenizer_2,
         family=SDXL_FAMILY,
+    )
+
+
+def clip_config(tokenizer, spec: dict[str, Any], **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **spec, **extra)
+
+
+def build_sd3_components(
+    directory: str | Path,
+    transformer: dict[str, Any] = TINY_SD3_TRANSFORMER,
+    vae: dict[str, Any] = TINY_VAE,
+    text: dict[str, Any] = TINY_TEXT,
+    t5: dict[str, Any] | None = TINY_T5,
+    projection_dim: int = 32,
+    max_sequence_length: int = 16,
+    words: list[str] = (),
+    seed: int = 0,
+) -> Components:
+    """Random-weight SD 3 components: two CLIP text encoders with ``projection_dim`` projections, a T5 encoder
+    (``t5=None``: none, its tokens zeros), tokenizers for ``words`` written into ``directory``; the transformer's
+    text width is T5's and its pooled input the two projections; a VAE with SD 3's shift and scale."""
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    tokenizers = [write_clip_tokenizer(directory / f"tokenizer{s}", words, model_max_length=text["max_position_embeddings"])
+                  for s in ("", "_2")]
+    t5_tokenizer = write_t5_tokenizer(directory / "tokenizer_3", words, model_max_length=max_sequence_length)
+    width = (t5 or TINY_T5)["d_model"]
+    encoders = [CLIPTextModelWithProjection(clip_config(tok, text, projection_dim=projection_dim)) for tok in tokenizers]
+    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
+                                         eos_token_id=t5_tokenizer.eos_token_id, **t5)) if t5 else None
+    return Components(
+        unet=SD3Transformer2DModel(**{**transformer, "in_channels": vae["latent_channels"],
+                                      "out_channels": vae["latent_channels"], "joint_attention_dim": width,
+                                      "pooled_projection_dim": 2 * projection_dim}),
+        vae=AutoencoderKL(**{**vae, "shift_factor": 0.0609, "scaling_factor": 1.5305}),
+        text_encoder=encoders[0], tokenizer=tokenizers[0],
+        noise_scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SD3),
+        source=str(directory),
+        text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+        text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer,
+        family=SD3_FAMILY,
     )

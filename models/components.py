@@ -23,8 +23,10 @@ __all__ = ["Components", "SDComponents", "generation_pipeline", "load_components
 def load_model(model_cfg) -> Components:
     """``load_components`` from a ``model`` config group (``pretrained``, ``family``, ``revision``, ``vae``, ...)."""
     m = model_cfg
+    options = m.get("family_options")
     return load_components(m.pretrained, revision=m.revision, variant=m.variant, vae=m.vae,
-                           local_files_only=m.local_files_only, family=m.get("family", "auto"))
+                           local_files_only=m.local_files_only, family=m.get("family", "auto"),
+                           family_options=dict(options) if options else None)
 
 
 def load_components(
@@ -34,17 +36,22 @@ def load_components(
     vae: str | None = None,
     local_files_only: bool = False,
     family: str | None = "auto",
+    family_options: dict | None = None,
 ) -> Components:
     """Load the denoiser, VAE, text encoder(s), tokenizer(s) and the DDPM training scheduler.
 
     ``pretrained`` is a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local directory
     in diffusers layout; ``vae`` optionally replaces the checkpoint's VAE (e.g. a fine-tuned one);
-    ``family`` (``model.family``) names the model family, or ``auto`` reads it from ``model_index.json``.
+    ``family`` (``model.family``) names the model family, or ``auto`` reads it from ``model_index.json``;
+    ``family_options`` (``model.family_options``) are the family's own settings (SD 3: ``t5``, ...).
     """
     local = Path(pretrained).expanduser()
+    chosen = family_for(str(local) if local.exists() else pretrained, family, revision=revision,
+                        local_files_only=local_files_only)
     if local.exists():
-        if not (local / "unet" / "config.json").is_file():
-            raise InputError(f"model.pretrained={pretrained}: expected a diffusers pipeline directory with unet/config.json")
+        denoiser = chosen.denoiser_name
+        if not (local / denoiser / "config.json").is_file():
+            raise InputError(f"model.pretrained={pretrained}: expected a diffusers pipeline directory with {denoiser}/config.json")
         pretrained = str(local)
-    chosen = family_for(pretrained, family, revision=revision, local_files_only=local_files_only)
-    return chosen.load(pretrained, revision=revision, variant=variant, vae=vae, local_files_only=local_files_only)
+    return chosen.load(pretrained, revision=revision, variant=variant, vae=vae, local_files_only=local_files_only,
+                       options=family_options)

@@ -42,7 +42,7 @@ class ConditionEncoder:
         """Digest of the encoders' configs and weights (computed once)."""
         if self._fingerprint is None:
             digest = self.components.encoder_fingerprint()
-            kind = self.family.unconditional_kind  # "" (the empty prompt's encoding) keeps SD's keys as they were
+            kind = self.family.cache_tag(self.components)  # "" (SD: the empty prompt's encoding) keeps SD's keys
             self._fingerprint = hashlib.sha256(f"{digest}:{kind}".encode()).hexdigest()[:16] if kind else digest
         return self._fingerprint
 

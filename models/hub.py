@@ -48,9 +48,10 @@ def pretrained_file(pretrained: str, name: str, revision: str | None = None) -> 
     return Path(found) if isinstance(found, str) else None
 
 
-def unet_config_digest(pretrained: str, revision: str | None = None) -> str | None:
-    """A digest of the UNet's ``config.json`` (its architecture), from a local directory or the hub cache."""
-    file = pretrained_file(pretrained, "unet/config.json", revision)
+def unet_config_digest(pretrained: str, revision: str | None = None, denoiser: str = "unet") -> str | None:
+    """A digest of the denoiser's ``config.json`` (its architecture; ``denoiser`` is the family's subfolder), from
+    a local directory or the hub cache."""
+    file = pretrained_file(pretrained, f"{denoiser}/config.json", revision)
     if file is None:
         return None
     config = {k: v for k, v in json.loads(file.read_text()).items() if not k.startswith("_")}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from common.files import atomic_write
 from models.alignment_module import AlignmentModule
 from models.ema import EMACallback, find_ema
-from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
+from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ class LoraExportCallback(L.Callback):
 
     def _export(self, trainer: L.Trainer, module: AlignmentModule, name: str) -> Path:
         with self._weights(trainer, module):
-            save_kohya_lora(module.unet, self.dirpath / name, module.adapter_name)
-            return save_unet_lora(module.unet, self.dirpath / name, module.adapter_name)
+            if module.family.kohya_export:
+                save_kohya_lora(module.unet, self.dirpath / name, module.adapter_name)
+            return save_lora(module.unet, self.dirpath / name, module.adapter_name, module.family)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: AlignmentModule, checkpoint: dict) -> None:
         if not (trainer.is_global_zero and module.uses_lora):

@@ -1,15 +1,17 @@
-"""Export LoRA adapters in the diffusers format that ``StableDiffusionPipeline.load_lora_weights`` (and
-``StableDiffusionXLPipeline``'s) reads, and in the kohya-ss format that AUTOMATIC1111, ComfyUI and kohya's scripts
-read: one key scheme for every UNet family (SD 1.x/2.x and SDXL), ``lora_unet_<module path, dots as _>``."""
+"""Export LoRA adapters in the diffusers format that the model family's pipeline reads with ``load_lora_weights``
+(keys ``unet.*`` for the UNet families, ``transformer.*`` for SD 3 and FLUX), and for the UNet families in the
+kohya-ss format that AUTOMATIC1111, ComfyUI and kohya's scripts read: one key scheme for SD 1.x/2.x and SDXL,
+``lora_unet_<module path, dots as _>``."""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from common.errors import InputError
 from common.files import atomic_write
+from models.families.base import DEFAULT_FAMILY, FAMILIES, ModelFamily
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Beside the diffusers file; diffusers still picks LORA_WEIGHT_NAME when given only the directory.
@@ -34,12 +37,16 @@ def read_lora(path: str | Path, key: str) -> tuple[Path, dict]:
         raise InputError(f"{key}: cannot read LoRA {file} ({str(error).splitlines()[0]})") from None
 
 
-def save_unet_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_name: str = "default") -> Path:
-    """Write one adapter of ``unet`` to ``directory/pytorch_lora_weights.safetensors``, atomically.
+def save_lora(denoiser: Any, directory: str | Path, adapter_name: str = "default",
+              family: ModelFamily | None = None) -> Path:
+    """Write one adapter of the ``family``'s denoiser (SD's UNet by default) to
+    ``directory/pytorch_lora_weights.safetensors``, atomically, as the family's pipeline saves LoRAs.
 
     The adapter's LoRA config (rank, alpha, targets) travels in the file's metadata, so a loader
     applies the same scale as training did.
     """
+    family = family or FAMILIES[DEFAULT_FAMILY]
+    unet = denoiser
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # peft's own key names for every layer: diffusers' conversion renames only the attention projections, and
@@ -49,12 +56,9 @@ def save_unet_lora(unet: UNet2DConditionModel, directory: str | Path, adapter_na
     metadata = unet.peft_config[adapter_name].to_dict()
     staging = Path(tempfile.mkdtemp(prefix=".lora-", dir=directory))
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=staging,
-            unet_lora_layers=state,
-            unet_lora_adapter_metadata=metadata,
-            safe_serialization=True,
-        )
+        name = family.denoiser_name
+        family.pipeline_type.save_lora_weights(save_directory=staging, safe_serialization=True,
+                                               **{f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": metadata})
         target = directory / LORA_WEIGHT_NAME
         os.replace(staging / LORA_WEIGHT_NAME, target)
     finally:

@@ -15,7 +15,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common import dtypes
+from models.families.base import family_of_pipeline
 
+# the names sampler.scheduler takes; each model family says which it samples with (flow matching: euler)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 
 
@@ -40,25 +42,26 @@ class SamplerSettings:
 
 
 def use_scheduler(pipe, name: str) -> None:
-    """Swap the pipeline's scheduler for ``name``, keeping its trained noise schedule."""
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+    """Swap the pipeline's scheduler for ``name`` (as its model family samples with it), keeping its trained
+    noise schedule."""
+    pipe.scheduler = family_of_pipeline(pipe).sampling_scheduler(name, pipe.scheduler.config)
+
+
+def denoiser_of(pipe):
+    return getattr(pipe, family_of_pipeline(pipe).denoiser_name)
 
 
 def initial_latents(pipe, seeds: Sequence[int], height: int | None = None, width: int | None = None) -> Tensor:
-    factor = pipe.vae_scale_factor
-    h = (height or pipe.unet.config.sample_size * factor) // factor
-    w = (width or pipe.unet.config.sample_size * factor) // factor
-    return torch.stack([torch.randn((pipe.unet.config.in_channels, h, w), generator=torch.Generator().manual_seed(int(s)))
-                        for s in seeds])
+    return family_of_pipeline(pipe).initial_latents(pipe, list(seeds), height, width)
 
 
 def mixed_precision(pipe):
-    """Autocast to the UNet's dtype when its (frozen) weights are in lower precision than the text encoder's
+    """Autocast to the denoiser's dtype when its (frozen) weights are in lower precision than the text encoder's
     outputs, as during training with ``model.frozen_dtype=bfloat16``; otherwise nothing."""
-    unet_dtype = pipe.unet.dtype
-    if unet_dtype == pipe.text_encoder.dtype or unet_dtype not in (torch.bfloat16, torch.float16):
+    denoiser_dtype = denoiser_of(pipe).dtype
+    if denoiser_dtype == pipe.text_encoder.dtype or denoiser_dtype not in (torch.bfloat16, torch.float16):
         return nullcontext()
-    return torch.autocast(pipe.device.type, dtype=unet_dtype)
+    return torch.autocast(pipe.device.type, dtype=denoiser_dtype)
 
 
 @torch.no_grad()
@@ -80,11 +83,11 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sampl
         latents = initial_latents(pipe, seeds[start:end], settings.height, settings.width)
         autocast = mixed_precision(pipe)
         # under autocast the latents (and the scheduler's arithmetic on them) stay float32
-        dtype = torch.float32 if isinstance(autocast, torch.autocast) else pipe.unet.dtype
+        dtype = torch.float32 if isinstance(autocast, torch.autocast) else denoiser_of(pipe).dtype
         with autocast:
             images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, dtype),
                           num_inference_steps=settings.num_inference_steps, guidance_scale=guidance[start],
-                          output_type="pt").images
+                          output_type="pt", **family_of_pipeline(pipe).call_kwargs(pipe)).images
         out.append(images.float().cpu())
     if not out:
         return torch.zeros(0, 3, 1, 1)

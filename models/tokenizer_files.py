@@ -1,4 +1,4 @@
-"""Write a CLIP BPE tokenizer (saved with ``save_pretrained``) for a small, known vocabulary.
+"""Write CLIP BPE and T5 unigram tokenizers (saved with ``save_pretrained``) for a small, known vocabulary.
 
 Real checkpoints ship their tokenizer; tiny test pipelines and the toy world need one that works
 offline. Every word of the given vocabulary becomes a single token; any other text still
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -66,3 +66,16 @@ def write_clip_tokenizer(directory: str | Path, words: list[str] = (), model_max
     )
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+def write_t5_tokenizer(directory: str | Path, words: list[str] = (), model_max_length: int = 32) -> T5Tokenizer:
+    """Write a small T5 (unigram) tokenizer into ``directory`` and return the loaded tokenizer: ``words`` are
+    single tokens, any other text falls back to letters (``<unk>`` for other characters)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in sorted({w.lower() for w in words if w})]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(directory))
+    return T5Tokenizer.from_pretrained(str(directory))

@@ -36,6 +36,18 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     return directory / "pipeline"
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny random SD 3 pipeline (two CLIP encoders with projection, T5 with 16 tokens, an MMDiT transformer,
+    the flow-matching scheduler) in diffusers layout."""
+    from models.builders import build_sd3_components, save_components
+
+    directory = tmp_path_factory.mktemp("tiny_sd3")
+    words = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
+    save_components(build_sd3_components(directory / "_build", words=words), directory / "pipeline")
+    return directory / "pipeline"
+
+
 def solid_image(path: Path, color: tuple[int, int, int], size: int = 24) -> Path:
     from PIL import Image
 

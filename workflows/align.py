@@ -57,5 +57,6 @@ def build_alignment(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningData
         benign_anchor=m.get("benign_anchor", 0.0), batch_reference=m.get("batch_reference", False),
         attention_backend=m.get("attention_backend"), scale_lr=m.get("scale_lr", False), base_model=str(m.pretrained),
         family=components.family,
+        noise_sampling=OmegaConf.to_container(m.noise_sampling) if m.get("noise_sampling") else None,
     )
     return module, datamodule

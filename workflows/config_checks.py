@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.optimization import SchedulerType
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -30,7 +29,7 @@ from data.datamodule import CONDITIONS
 from data.readers.base import path_problem
 from models.alignment_module import check_batch_reference, check_frozen_dtype
 from models.attention_backend import check_attention_backend
-from models.families import FAMILIES
+from models.families import FAMILIES, family_for
 from models.hub import pretrained_file, unet_config_digest
 from models.lora_io import read_lora
 from models.optimizers import check_optimizer
@@ -138,8 +137,10 @@ def check_model(cfg: DictConfig, training: bool = True) -> None:
     local = Path(pretrained).expanduser()
     if local.exists() or pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1:
         existing_path("model.pretrained", pretrained)
-        if not (local / "unet" / "config.json").is_file():
-            raise InputError(f"model.pretrained={pretrained}: expected a diffusers pipeline directory with unet/config.json")
+        denoiser = family_for(str(local), m.family).denoiser_name
+        if not (local / denoiser / "config.json").is_file():
+            raise InputError(f"model.pretrained={pretrained}: expected a diffusers pipeline directory with "
+                             f"{denoiser}/config.json")
     if m.vae is not None and (Path(str(m.vae)).expanduser().exists() or str(m.vae).startswith(("/", ".", "~"))):
         existing_path("model.vae", m.vae)
     number(cfg, "model.resolution", 8, integer=True, optional=True)
@@ -291,17 +292,18 @@ def check_against_model(cfg: DictConfig) -> None:
         if not 0 <= m.t_min <= t_max < steps:
             raise InputError(f"model.t_min/t_max: expected 0 <= t_min <= t_max < {steps} (the scheduler's "
                              f"num_train_timesteps), got {m.t_min}, {m.t_max}")
-    unet_config = pretrained_file(str(m.pretrained), "unet/config.json", m.revision)
-    if m.lora is None or unet_config is None:
+    family = family_for(str(m.pretrained), m.family, m.revision, local_files_only=True)
+    config = pretrained_file(str(m.pretrained), f"{family.denoiser_name}/config.json", m.revision)
+    if m.lora is None or config is None:
         return
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
-    names = [name for name, _ in unet.named_modules()]
+        denoiser = family.denoiser_type.from_config(json.loads(config.read_text()))
+    names = [name for name, _ in denoiser.named_modules()]
     unknown = [str(t) for t in m.lora.target_modules if not any(n == t or n.endswith("." + str(t)) for n in names)]
     if unknown:
-        raise InputError(f"model.lora.target_modules: {unknown} name no module of the UNet of {m.pretrained} "
-                         f"(e.g. to_q, to_k, to_v, to_out.0, attn2.to_k, proj_in, conv1)")
+        raise InputError(f"model.lora.target_modules: {unknown} name no module of the {type(denoiser).__name__} of "
+                         f"{m.pretrained} (e.g. to_q, to_k, to_v, to_out.0, attn2.to_k, proj_in, conv1)")
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
@@ -368,7 +370,8 @@ def check_checkpoint(cfg: DictConfig, path: Path, alignment: bool = True) -> Non
     saved = checkpoint.get("alignment") or {}
     if saved.get("base_model") is None or str(saved["base_model"]) == str(m.pretrained):
         return
-    digest = unet_config_digest(str(m.pretrained), m.revision)
+    digest = unet_config_digest(str(m.pretrained), m.revision,
+                                family_for(str(m.pretrained), m.family, m.revision, local_files_only=True).denoiser_name)
     if saved.get("unet_config") is None or digest is None:
         log.warning("ckpt_path: trained on %s, resumed on %s; their UNet configs cannot be compared",
                     saved["base_model"], m.pretrained)

@@ -34,12 +34,24 @@ class LrSchedulerSchema:
 class SamplingSchema:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
+    scheduler: str = "ddim"  # the family's default sampler (sampler.scheduler of evaluation, validation, builds)
+
+
+@dataclass
+class NoiseSamplingSchema:
+    """How the flow-matching families draw noise levels and weight errors (models/families/flow.py)."""
+    density: str = "logit_normal"  # uniform | logit_normal | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers' compute_loss_weighting_for_sd3)
 
 
 @dataclass
 class ModelSchema:
     pretrained: str = MISSING
-    family: str = "auto"  # auto (model_index.json's pipeline class) | sd | sdxl: models/families/
+    family: str = "auto"  # auto (model_index.json's pipeline class) | sd | sdxl | sd3 | flux: models/families/
+    family_options: Dict[str, Any] = field(default_factory=dict)  # the family's own settings (sd3: t5, max_sequence_length)
     revision: Optional[str] = None
     variant: Optional[str] = None
     vae: Optional[str] = None
@@ -57,6 +69,7 @@ class ModelSchema:
     benign_anchor: float = 0.0
     t_min: int = 0
     t_max: Optional[int] = None
+    noise_sampling: Optional[NoiseSamplingSchema] = None  # flow-matching families only
     optimizer: Dict[str, Any] = field(default_factory=dict)  # _target_ and the class's own arguments
     lr_scheduler: LrSchedulerSchema = field(default_factory=LrSchedulerSchema)
     sampling: SamplingSchema = field(default_factory=SamplingSchema)

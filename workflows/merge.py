@@ -23,15 +23,16 @@ from data.datamodule import collate
 from models.components import load_model
 from models.encoders import ConditionEncoder
 from models.families.base import DEFAULT_FAMILY, FAMILIES, ModelFamily
-from models.lora_io import read_lora, save_kohya_lora, save_unet_lora
+from models.lora_io import read_lora, save_kohya_lora, save_lora
 from models.lora_merging import METHODS, lora_layers, merge_adapters
 
 log = logging.getLogger(__name__)
 
 
-def load_experts(unet, experts: list[str | Path]) -> list[str]:
-    """Load each expert file as adapter ``expert_<i>_<dir name>``; refuse experts that adapt different
-    layers or shapes, with the file named."""
+def load_experts(unet, experts: list[str | Path], prefix: str = "unet") -> list[str]:
+    """Load each expert file as adapter ``expert_<i>_<dir name>`` of the denoiser ``unet`` (its keys start with
+    ``prefix``, the family's denoiser name); refuse experts that adapt different layers or shapes, with the file
+    named."""
     names, reference = [], None
     for i, expert in enumerate(experts):
         path = Path(expert).expanduser()
@@ -50,21 +51,22 @@ def load_experts(unet, experts: list[str | Path]) -> list[str]:
                                  f"{reference[0]} has {reference[1][bad]}")
         name = f"expert_{i}_{path.stem if path.is_file() else path.name}".replace(".", "_")
         try:
-            unet.load_lora_adapter(str(file.parent), weight_name=file.name, adapter_name=name, prefix="unet")
+            unet.load_lora_adapter(str(file.parent), weight_name=file.name, adapter_name=name, prefix=prefix)
         except (ValueError, RuntimeError, KeyError) as error:
-            raise InputError(f"merge.experts[{i}]: {file} does not fit the base UNet ({str(error).splitlines()[0]})") from None
-        check_loaded(unet, name, shapes, f"merge.experts[{i}]: {file}")
+            raise InputError(f"merge.experts[{i}]: {file} does not fit the base {type(unet).__name__} "
+                             f"({str(error).splitlines()[0]})") from None
+        check_loaded(unet, name, shapes, f"merge.experts[{i}]: {file}", prefix)
         names.append(name)
     return names
 
 
-def check_loaded(unet, adapter: str, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_loaded(unet, adapter: str, shapes: dict[str, tuple[int, ...]], source: str, prefix: str = "unet") -> None:
     """Refuse an expert that diffusers loaded only in part: its loader names a file's keys by the first one
     (peft's ``lora_A`` or diffusers' ``lora.down``), so a file that mixes the two loses the other kind's layers."""
-    in_file = {k.removeprefix("unet.").split(".lora")[0] for k in shapes if k.startswith("unet.")}
+    in_file = {k.removeprefix(f"{prefix}.").split(".lora")[0] for k in shapes if k.startswith(f"{prefix}.")}
     missing = sorted(in_file - set(lora_layers(unet, adapter)))
     if missing:
-        raise InputError(f"{source}: only {len(in_file) - len(missing)} of its {len(in_file)} UNet LoRA layers loaded "
+        raise InputError(f"{source}: only {len(in_file) - len(missing)} of its {len(in_file)} {type(unet).__name__} LoRA layers loaded "
                          f"(e.g. not {missing[0]}): its keys mix peft (lora_A/lora_B) and diffusers (lora.down/lora.up) "
                          "names; save it with one of them")
 
@@ -84,7 +86,8 @@ def calibration_runner(unet, noise_scheduler, datamodule, num_prompts: int, seed
     sides = ("w", "l") if "latents_l" in batch else ("w",)
     latents = torch.cat([batch[f"latents_{side}"] for side in sides])
     cond = family.conditioning(batch, sides)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = family.draw_timesteps(noise_scheduler, latents.shape, 0, noise_scheduler.config.num_train_timesteps - 1,
+                              generator=generator)
     noisy, _ = family.noisy_and_target(noise_scheduler, latents, torch.randn(latents.shape, generator=generator), t)
 
     def run() -> None:
@@ -114,7 +117,7 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
     m = cfg.model
     components = load_model(m)
     unet = components.unet
-    names = load_experts(unet, list(mc.experts))
+    names = load_experts(unet, list(mc.experts), components.family.denoiser_name)
     run = None
     if "co_merge" in methods:
         datamodule = instantiate(cfg.data, encoder=ConditionEncoder(components),
@@ -128,8 +131,9 @@ def run_merge(cfg: DictConfig) -> dict[str, float]:
         errors = merge_adapters(unet, names, method, run, merged_name=method, rank=mc.rank, weights=weights,
                                 density=mc.density)
         out = Path(mc.output_dir) / method
-        path = save_unet_lora(unet, out, method)
-        save_kohya_lora(unet, out, method)  # the same merge for AUTOMATIC1111 / ComfyUI
+        path = save_lora(unet, out, method, components.family)
+        if components.family.kohya_export:
+            save_kohya_lora(unet, out, method)  # the same merge for AUTOMATIC1111 / ComfyUI
         report = {"experts": [str(e) for e in mc.experts], "method": method, "rank": unet.peft_config[method].r}
         if errors:
             report["relative_svd_error"] = errors

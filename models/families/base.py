@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from torch import Tensor
 
 from common.errors import InputError
@@ -23,8 +24,9 @@ from data.pairs import ImageGeometry
 
 @dataclass
 class Components:
-    """The loaded parts of one checkpoint. ``unet`` is the trained denoiser; ``text_encoder_2`` and
-    ``tokenizer_2`` are set by families with a second text encoder (SDXL)."""
+    """The loaded parts of one checkpoint. ``unet`` is the trained denoiser (a UNet, or the transformer of the
+    flow-matching families); ``text_encoder_2``/``tokenizer_2`` (SDXL, SD 3, FLUX) and ``text_encoder_3``/
+    ``tokenizer_3`` (SD 3's T5) are set by families with more text encoders."""
 
     unet: Any
     vae: Any
@@ -35,6 +37,8 @@ class Components:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     family: "ModelFamily | None" = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     def __post_init__(self) -> None:
         if self.family is None:  # in-memory components built without a family (tests, the toy world): SD 1.x/2.x
@@ -42,12 +46,13 @@ class Components:
 
     @property
     def resolution(self) -> int:
-        """Native image size: the denoiser's sample size times the VAE's downsampling factor."""
-        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Native image size (the family's: by default the denoiser's sample size times the VAE's downsampling)."""
+        return self.family.native_resolution(self)
 
     def text_encoders(self) -> list[tuple[str, Any, Any]]:
         """``(name, encoder, tokenizer)`` of every text encoder present."""
-        pairs = [("text_encoder", self.text_encoder, self.tokenizer), ("text_encoder_2", self.text_encoder_2, self.tokenizer_2)]
+        pairs = [("text_encoder", self.text_encoder, self.tokenizer), ("text_encoder_2", self.text_encoder_2, self.tokenizer_2),
+                 ("text_encoder_3", self.text_encoder_3, self.tokenizer_3)]
         return [(n, e, t) for n, e, t in pairs if e is not None]
 
     def encoder_fingerprint(self) -> str:
@@ -105,16 +110,36 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     #: ``_class_name`` values of ``model_index.json`` that select this family
     pipeline_classes: ClassVar[tuple[str, ...]]
+    #: the diffusers pipeline class that samples and whose ``save_lora_weights`` writes LoRA exports
+    pipeline_type: ClassVar[type]
     #: the per-prompt tensors the latent cache stores and batches carry (the first is the main one)
     prompt_keys: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     #: the per-image-side tensors the latent cache stores (from each image's :class:`ImageGeometry`)
     image_keys: ClassVar[tuple[str, ...]] = ()
+    #: the denoiser's subfolder in the checkpoint and attribute of the pipeline (LoRA keys start with it)
+    denoiser_name: ClassVar[str] = "unet"
+    #: the denoiser's diffusers model class
+    denoiser_type: ClassVar[type]
+    #: whether LoRA exports add the kohya-ss file (its key scheme is the UNet's module paths)
+    kohya_export: ClassVar[bool] = True
+    #: the ``sampler.scheduler`` names this family samples with
+    sampling_schedulers: ClassVar[tuple[str, ...]] = ("ddim", "dpm", "euler")
+
+    def native_resolution(self, components: Components) -> int:
+        """Image size the checkpoint was trained at: the denoiser's sample size times the VAE's downsampling."""
+        return int(components.unet.config.sample_size) * 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ loading
     @abstractmethod
     def load(self, pretrained: str, revision: str | None, variant: str | None, vae: str | None,
-             local_files_only: bool) -> Components:
-        """The checkpoint's parts this family trains with (frozen encoders in eval mode)."""
+             local_files_only: bool, options: Mapping[str, Any] | None = None) -> Components:
+        """The checkpoint's parts this family trains with (frozen encoders in eval mode); ``options`` are
+        ``model.family_options`` (:func:`family_options` checks them against the family's own)."""
+
+    def cache_tag(self, components: Components) -> str:
+        """What else than the encoders' weights decides a prompt's tensors, digested into latent cache keys
+        ("" keeps the keys of SD's caches)."""
+        return self.unconditional_kind
 
     # ------------------------------------------------------------ conditioning
     @abstractmethod
@@ -142,6 +167,25 @@ class ModelFamily(ABC):
         """Refuse a training scheduler this family cannot build targets with (any by default)."""
         return None
 
+    def check_noise_sampling(self, noise_sampling: Mapping[str, Any] | None) -> None:
+        """Refuse ``model.noise_sampling`` settings this family does not train with (only ``None`` by default)."""
+        if noise_sampling:
+            raise InputError(f"model.noise_sampling: the {self.name} family draws integer timesteps uniformly "
+                             "(model.t_min/t_max); noise-level sampling is for the flow-matching families (sd3, flux)")
+
+    def draw_timesteps(self, scheduler: Any, shape: torch.Size, t_min: int, t_max: int,
+                       noise_sampling: Mapping[str, Any] | None = None, generator: torch.Generator | None = None,
+                       device: torch.device | None = None) -> Tensor:
+        """One training timestep per row of latents of ``shape``, in ``[t_min, t_max]`` of the scheduler's
+        training steps: uniform integers by default (on the host with ``generator``, else on ``device``)."""
+        if generator is not None:
+            return torch.randint(t_min, t_max + 1, (shape[0],), generator=generator)
+        return torch.randint(t_min, t_max + 1, (shape[0],), device=device)
+
+    def error_weights(self, t: Tensor, noise_sampling: Mapping[str, Any] | None = None) -> Tensor | None:
+        """Per-sample weights of the squared errors at timesteps ``t`` (``None``: all ones)."""
+        return None
+
     @abstractmethod
     def noisy_and_target(self, scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The denoiser's input at timestep indices ``t`` and the float32 regression target it is trained on."""
@@ -155,6 +199,27 @@ class ModelFamily(ABC):
     def pipeline(self, components: Components, denoiser: Any, scheduler: Any):
         """A diffusers generation pipeline over ``components`` with ``denoiser`` and ``scheduler``."""
 
+    def sampling_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
+        """The scheduler ``sampler.scheduler=name`` samples with, on the checkpoint's noise schedule ``config``."""
+        from_config = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+        if name not in self.sampling_schedulers:
+            raise InputError(f"sampler.scheduler: the {self.name} family samples with one of "
+                             f"{', '.join(self.sampling_schedulers)}, got {name!r}")
+        return from_config[name].from_config(config)
+
+    def call_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """Arguments every sampling call of the family's pipeline passes (none by default)."""
+        return {}
+
+    def initial_latents(self, pipe: Any, seeds: list[int], height: int | None, width: int | None) -> Tensor:
+        """The starting noise of each image, from a generator seeded by its own seed, in the layout the
+        pipeline's ``latents=`` argument takes (batch-size invariant sampling)."""
+        denoiser, factor = getattr(pipe, self.denoiser_name), pipe.vae_scale_factor
+        h = (height or denoiser.config.sample_size * factor) // factor
+        w = (width or denoiser.config.sample_size * factor) // factor
+        return torch.stack([torch.randn((denoiser.config.in_channels, h, w), generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds])
+
 
 #: every family by ``name``; each family module registers its own (``models/families/__init__.py`` imports them all)
 FAMILIES: dict[str, ModelFamily] = {}
@@ -164,6 +229,22 @@ DEFAULT_FAMILY = "sd"
 def register(family: ModelFamily) -> ModelFamily:
     FAMILIES[family.name] = family
     return family
+
+
+def family_of_pipeline(pipe: Any) -> ModelFamily:
+    """The family whose pipeline class ``pipe`` is (SD's for an unknown class)."""
+    name = type(pipe).__name__
+    return next((f for f in FAMILIES.values() if name in f.pipeline_classes), FAMILIES[DEFAULT_FAMILY])
+
+
+def family_options(options: Mapping[str, Any] | None, known: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """``model.family_options`` over a family's defaults ``known``; an unknown key is one line naming it."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = f"takes {', '.join(sorted(known))}" if known else "takes none"
+        raise InputError(f"model.family_options: the {family} family {takes}, not {', '.join(unknown)}")
+    return {**known, **options}
 
 
 def repeat_cond(cond: Mapping[str, Tensor], copies: int) -> dict[str, Tensor]:

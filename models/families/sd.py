@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.errors import InputError
-from models.families.base import Components, ModelFamily, register
+from models.families.base import Components, ModelFamily, family_options, register
 from models.hub import load_error
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -47,10 +47,13 @@ class NoisePredictionFamily(ModelFamily):
 class SDFamily(NoisePredictionFamily):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
+    pipeline_type = StableDiffusionPipeline
+    denoiser_type = UNet2DConditionModel
     prompt_keys = ("prompt_embeds",)
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, vae: str | None,
-             local_files_only: bool) -> Components:
+             local_files_only: bool, options: Mapping[str, Any] | None = None) -> Components:
+        family_options(options, {}, self.name)
         common = dict(revision=revision, local_files_only=local_files_only)
         try:
             unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **common)

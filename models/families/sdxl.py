@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionM
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from models.families.base import Components, ImageGeometry, register
+from models.families.base import Components, ImageGeometry, family_options, register
 from models.families.sd import NoisePredictionFamily, load_vae, token_ids
 from models.hub import load_error
 
@@ -24,11 +24,14 @@ def time_ids(geometry: ImageGeometry) -> Tensor:
 class SDXLFamily(NoisePredictionFamily):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
+    pipeline_type = StableDiffusionXLPipeline
+    denoiser_type = UNet2DConditionModel
     prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
     image_keys = ("time_ids",)
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, vae: str | None,
-             local_files_only: bool) -> Components:
+             local_files_only: bool, options: Mapping[str, Any] | None = None) -> Components:
+        family_options(options, {}, self.name)
         common = dict(revision=revision, local_files_only=local_files_only)
         try:
             unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", variant=variant, **common)

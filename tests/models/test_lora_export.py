@@ -57,14 +57,14 @@ def test_kohya_file_loads_in_diffusers_as_the_same_lora(tiny_pipeline_dir, tmp_p
     from diffusers import StableDiffusionPipeline
 
     from models.components import load_components
-    from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
+    from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
 
     # alpha 8 / rank 4: the scale 2 must carry over
     module = lora_module(load_components(str(tiny_pipeline_dir)), **({"target_modules": targets} if targets else {}))
     g = torch.Generator().manual_seed(0)
     for _, p in module.trainable_parameters():
         p.data = 0.1 * torch.randn(p.shape, generator=g)
-    save_unet_lora(module.unet, tmp_path)
+    save_lora(module.unet, tmp_path)
     save_kohya_lora(module.unet, tmp_path)
 
     kohya = load_file(tmp_path / KOHYA_WEIGHT_NAME)
@@ -218,13 +218,13 @@ def test_sdxl_kohya_file_loads_in_the_sdxl_pipeline_as_the_same_lora(tiny_sdxl_d
     from diffusers import StableDiffusionXLPipeline
 
     from models.components import load_components
-    from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_unet_lora
+    from models.lora_io import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
 
     module = lora_module(load_components(str(tiny_sdxl_dir)), **({"target_modules": targets} if targets else {}))
     g = torch.Generator().manual_seed(0)
     for _, p in module.trainable_parameters():
         p.data = 0.1 * torch.randn(p.shape, generator=g)
-    save_unet_lora(module.unet, tmp_path)
+    save_lora(module.unet, tmp_path)
     save_kohya_lora(module.unet, tmp_path)
 
     kohya = load_file(tmp_path / KOHYA_WEIGHT_NAME)

@@ -112,7 +112,7 @@ def test_peft_baselines_on_the_unet_sum_the_experts_where_exact():
 def _save_toy_expert(directory, targets, rank, seed):
     from diffusers import UNet2DConditionModel as UNet
 
-    from models.lora_io import save_unet_lora
+    from models.lora_io import save_lora
 
     unet = UNet.from_pretrained(ROOT / "assets" / "toy" / "sd" / "unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False),
@@ -121,7 +121,7 @@ def _save_toy_expert(directory, targets, rank, seed):
     with torch.no_grad():
         for layer in lora_layers(unet, "default").values():
             layer.lora_B["default"].weight.copy_(0.05 * torch.randn(layer.lora_B["default"].weight.shape, generator=g))
-    return save_unet_lora(unet, directory, "default").parent
+    return save_lora(unet, directory, "default").parent
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]

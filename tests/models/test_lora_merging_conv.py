@@ -136,7 +136,7 @@ def test_co_merged_conv_lora_saves_and_loads_with_load_lora_weights(tmp_path):
     The file loads back into the same pipeline as a second adapter equal to the merged one."""
     from diffusers import StableDiffusionPipeline
 
-    from models.lora_io import save_unet_lora
+    from models.lora_io import save_lora
 
     targets = ["conv1", "proj_in", "ff.net.2"]
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "assets" / "toy" / "sd")
@@ -144,7 +144,7 @@ def test_co_merged_conv_lora_saves_and_loads_with_load_lora_weights(tmp_path):
     add_expert(unet, "expert_a", 2, 1, targets)
     add_expert(unet, "expert_b", 3, 2, targets)
     co_merge_adapters(unet, ["expert_a", "expert_b"], calibration(unet))
-    save_unet_lora(unet, tmp_path / "merged", "merged")
+    save_lora(unet, tmp_path / "merged", "merged")
 
     pipe.load_lora_weights(tmp_path / "merged", adapter_name="loaded")
     loaded, merged = lora_layers(unet, "loaded"), lora_layers(unet, "merged")
@@ -176,6 +176,6 @@ def test_an_expert_file_diffusers_loads_only_in_part_is_refused(tmp_path):
     save_file(state, tmp_path / "peft.safetensors")
     save_file(mixed, tmp_path / "mixed.safetensors")
     assert load_experts(tiny_unet(), [tmp_path / "peft.safetensors"]) == ["expert_0_peft"]
-    with pytest.raises(InputError, match=r"^merge.experts\[0\]: .*mixed.safetensors: only 4 of its 8 UNet LoRA layers "
+    with pytest.raises(InputError, match=r"^merge.experts\[0\]: .*mixed.safetensors: only 4 of its 8 UNet2DConditionModel LoRA layers "
                                          r"loaded \(e.g. not down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k\)"):
         load_experts(tiny_unet(), [tmp_path / "mixed.safetensors"])

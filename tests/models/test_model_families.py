@@ -21,7 +21,7 @@ from models.alignment_module import AlignmentModule
 from models.components import load_components
 from models.encoders import ConditionEncoder
 from models.families import SD_FAMILY, SDXL_FAMILY, family_for
-from models.lora_io import LORA_WEIGHT_NAME, save_unet_lora
+from models.lora_io import LORA_WEIGHT_NAME, save_lora
 from models.sampling import SamplerSettings, generate, use_scheduler
 from tests.conftest import ROOT
 
@@ -186,7 +186,7 @@ def test_sdxl_lora_export_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, tmp_path):
     g = torch.Generator().manual_seed(0)
     for _, p in module.trainable_parameters():
         p.data = 0.1 * torch.randn(p.shape, generator=g)
-    save_unet_lora(module.unet, tmp_path)
+    save_lora(module.unet, tmp_path)
     cond = {"encoder_hidden_states": torch.randn(2, 7, 64, generator=g), "text_embeds": torch.randn(2, 32, generator=g),
             "time_ids": torch.tensor([[24.0, 40, 0, 5, 16, 16], [16, 16, 0, 0, 16, 16]])}
     z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20])

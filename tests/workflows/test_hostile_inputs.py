@@ -89,11 +89,11 @@ def _toy_lora(directory: Path, unet_dir: Path, truncate: bool = False) -> Path:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from models.lora_io import save_unet_lora
+    from models.lora_io import save_lora
 
     unet = UNet2DConditionModel.from_pretrained(unet_dir)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]), adapter_name="default")
-    file = save_unet_lora(unet, directory, "default")
+    file = save_lora(unet, directory, "default")
     if truncate:
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     return directory
@@ -112,7 +112,7 @@ def test_lora_of_another_architecture_or_truncated_is_one_line(tiny_pipeline_dir
 
     toy = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "toy" / "sd" / "unet")
     other, broken = _other_and_broken_loras(tiny_pipeline_dir, tmp_path)
-    with pytest.raises(InputError, match=r"merge\.experts\[0\]: .*other_arch.* does not fit the base UNet"):
+    with pytest.raises(InputError, match=r"merge\.experts\[0\]: .*other_arch.* does not fit the base UNet2DConditionModel"):
         load_experts(toy, [other])
     with pytest.raises(InputError, match=r"merge\.experts\[0\]: cannot read LoRA .*broken"):
         load_experts(toy, [broken])

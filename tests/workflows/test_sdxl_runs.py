@@ -145,7 +145,7 @@ def test_merge_task_on_sdxl_loras_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, json
     from diffusers import StableDiffusionXLPipeline
 
     from models.components import load_components
-    from models.lora_io import save_unet_lora
+    from models.lora_io import save_lora
     from tests.models.test_lora_export import lora_module
 
     experts = []
@@ -154,7 +154,7 @@ def test_merge_task_on_sdxl_loras_loads_in_the_sdxl_pipeline(tiny_sdxl_dir, json
         g = torch.Generator().manual_seed(i)
         for _, p in module.trainable_parameters():
             p.data = 0.3 * torch.randn(p.shape, generator=g)
-        experts.append(save_unet_lora(module.unet, tmp_path / f"expert_{i}").parent)
+        experts.append(save_lora(module.unet, tmp_path / f"expert_{i}").parent)
     out = tmp_path / "merge"
     result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "task=merge", "data=jsonl",
                  f"data.path={jsonl_pairs}", f"merge.experts=[{experts[0]},{experts[1]}]",
