@@ -191,6 +191,9 @@ def build_sd3_components(
     encoders = [CLIPTextModelWithProjection(clip_config(tok, text, projection_dim=projection_dim)) for tok in tokenizers]
     t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
                                          eos_token_id=t5_tokenizer.eos_token_id, **t5)) if t5 else None
+    for part in (*encoders, t5_encoder):  # frozen and in eval mode, as the family loads them (T5 has dropout)
+        if part is not None:
+            part.requires_grad_(False).eval()
     return Components(
         unet=SD3Transformer2DModel(**{**transformer, "in_channels": vae["latent_channels"],
                                       "out_channels": vae["latent_channels"], "joint_attention_dim": width,
