@@ -53,3 +53,74 @@ def test_sft_and_dpo_on_sd3(objective, extra, tiny_sd3_dir, jsonl_pairs, tmp_pat
     assert lora_written(out) and not (out / "lora" / "final" / "lora_kohya.safetensors").exists()
     if extra:  # the UAS validation callback sampled with the SD 3 pipeline at step 2
         assert any(r.get("val/uas") for r in rows), sorted(rows[-1])
+
+
+def test_scdpo_on_sd3_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sd3_dir, tmp_path):
+    from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
+
+    (tmp_path / "copro").mkdir()
+    copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
+    pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
+    out = tmp_path / "run"
+    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
+                 f"data.reader.harmful.path={copro}", f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}",
+                 f"data.cost_model={ROOT / 'assets/toy/cost_model'}", "model.benign_anchor=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/loss")]
+    assert len(rows) == 2 and any(r.get("train/safety_margin") for r in rows)
+    assert lora_written(out)
+
+
+def test_spo_on_sd3_with_dual_annotations(tiny_sd3_dir, tmp_path):
+    lines = []
+    for i in range(4):
+        for j, (color, quality, unsafe) in enumerate([((200, 20, 20), 0.9, 0.1), ((20, 20, 200), 0.4, 0.8)]):
+            solid_image(tmp_path / "data" / f"{i}_{j}.png", (color[0], color[1] + i, color[2]))
+            lines.append(json.dumps({"prompt": f"a red circle {i}", "image": f"{i}_{j}.png", "quality": quality,
+                                     "unsafe": unsafe, "categories": ["violence"]}))
+    (tmp_path / "data" / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "objective=spo", "data=dual",
+                 f"data.path={tmp_path / 'data' / 'annotations.jsonl'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
+    assert rows and min(float(r["train/reward_margin"]) for r in rows) >= 0.1
+    assert lora_written(out)
+
+
+def test_safetydpo_experts_merge_and_evaluate_on_sd3(tiny_sd3_dir, jsonl_pairs, tmp_path):
+    """Experts per category, Co-Merge and peft's ties_svd on transformer LoRAs, each evaluated; then task=merge on
+    the experts and evaluate.py on its Co-Merge LoRA, sampled by StableDiffusion3Pipeline."""
+    (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")  # toy scorer
+    (tmp_path / "benign.txt").write_text("a green circle on navy\n")
+    evaluation = ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
+                  f"prompts.sets.benign.path={tmp_path / 'benign.txt'}", "images_per_prompt=1",
+                  "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
+                  f"cache_dir={tmp_path / 'eval_cache'}"]
+    out = tmp_path / "safetydpo"
+    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
+                 "data=jsonl", f"data.path={jsonl_pairs}", "experts=[violence,hate]", "logger=none",
+                 "merge.method=[co_merge,ties_svd]", "merge.calibration_prompts=4",
+                 f"evaluation.overrides=[{','.join(repr(o) for o in evaluation)}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("co_merge", "ties_svd"):
+        assert (out / "merged" / method / "pytorch_lora_weights.safetensors").is_file()
+    results = json.loads((out / "comparison.json").read_text())
+    assert {"base", "expert_violence", "expert_hate", "merged_co_merge", "merged_ties_svd"} <= set(results)
+
+    experts = sorted(str(p.parent) for p in out.glob("experts/*/lora/final/pytorch_lora_weights.safetensors"))
+    assert len(experts) == 2, list(out.rglob("pytorch_lora_weights.safetensors"))
+    merged = tmp_path / "merge"
+    result = run("train.py", merged, *sd3(tiny_sd3_dir, tmp_path / "cache"), "task=merge", "data=jsonl",
+                 f"data.path={jsonl_pairs}", f"merge.experts=[{','.join(experts)}]", "merge.method=co_merge",
+                 "merge.calibration_prompts=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    evaluated = tmp_path / "eval"
+    result = run("evaluate.py", evaluated, "model=sd3", f"model.pretrained={tiny_sd3_dir}",
+                 "model.family_options.max_sequence_length=16", f"lora={merged / 'merged' / 'co_merge'}", *evaluation,
+                 "device=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert {"ip", "uas", "benign_fidelity"} <= set(metrics["aligned"])
+    assert metrics["aligned"] != metrics["base"]
