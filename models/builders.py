@@ -14,6 +14,7 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
@@ -21,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from models.components import SDComponents
 from models.families.base import Components
+from models.families.flux import FLUX_FAMILY
 from models.families.sd3 import SD3_FAMILY
 from models.families.sdxl import SDXL_FAMILY
 from models.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
@@ -88,6 +90,14 @@ TINY_SD3_TRANSFORMER: dict[str, Any] = dict(
 )
 TINY_T5: dict[str, Any] = dict(d_model=64, d_ff=64, d_kv=16, num_layers=1, num_heads=4, relative_attention_num_buckets=8)
 FLOW_SD3: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)
+# A tiny FLUX transformer: one double-stream and one single-stream block; rotary axes (4, 6, 6) over 16-wide heads.
+TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    axes_dims_rope=(4, 6, 6),
+)
+# FLUX.1's scheduler: the shift follows the image's token count (256 .. 4096 tokens: 0.5 .. 1.15)
+FLOW_FLUX: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
 DDPM_SD: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
@@ -205,4 +215,40 @@ def build_sd3_components(
         text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
         text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer,
         family=SD3_FAMILY,
+    )
+
+
+def build_flux_components(
+    directory: str | Path,
+    transformer: dict[str, Any] = TINY_FLUX_TRANSFORMER,
+    vae: dict[str, Any] = TINY_VAE,
+    text: dict[str, Any] = TINY_TEXT,
+    t5: dict[str, Any] = TINY_T5,
+    guidance_embeds: bool = True,
+    max_sequence_length: int = 16,
+    words: list[str] = (),
+    seed: int = 0,
+) -> Components:
+    """Random-weight FLUX components: CLIP (pooled) and T5 text encoders with tokenizers for ``words`` written
+    into ``directory``, a transformer on 2 x 2-packed latents (``guidance_embeds``: a dev-style guidance
+    embedding), a VAE with FLUX's shift and scale, FLUX's resolution-dependent scheduler."""
+    torch.manual_seed(seed)
+    directory = Path(directory)
+    tokenizer = write_clip_tokenizer(directory / "tokenizer", words, model_max_length=text["max_position_embeddings"])
+    t5_tokenizer = write_t5_tokenizer(directory / "tokenizer_2", words, model_max_length=max_sequence_length)
+    clip = CLIPTextModel(clip_config(tokenizer, text))
+    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
+                                         eos_token_id=t5_tokenizer.eos_token_id, **t5))
+    for part in (clip, t5_encoder):
+        part.requires_grad_(False).eval()
+    return Components(
+        unet=FluxTransformer2DModel(**{**transformer, "in_channels": 4 * vae["latent_channels"],
+                                       "joint_attention_dim": t5["d_model"], "pooled_projection_dim": text["hidden_size"],
+                                       "guidance_embeds": guidance_embeds}),
+        vae=AutoencoderKL(**{**vae, "shift_factor": 0.1159, "scaling_factor": 0.3611}),
+        text_encoder=clip, tokenizer=tokenizer,
+        noise_scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_FLUX),
+        source=str(directory),
+        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer,
+        family=FLUX_FAMILY,
     )

@@ -78,6 +78,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sampl
             end += 1
         batches.append((start, end))
         start = end
+    # the size the latents were drawn at (packed latents, as FLUX's, do not carry it)
+    size = {k: v for k, v in (("height", settings.height), ("width", settings.width)) if v is not None}
     out = []
     for start, end in tqdm(batches, desc="generating", unit="batch", disable=not progress or len(batches) < 2):
         latents = initial_latents(pipe, seeds[start:end], settings.height, settings.width)
@@ -87,7 +89,7 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sampl
         with autocast:
             images = pipe(list(prompts[start:end]), latents=latents.to(pipe.device, dtype),
                           num_inference_steps=settings.num_inference_steps, guidance_scale=guidance[start],
-                          output_type="pt", **family_of_pipeline(pipe).call_kwargs(pipe)).images
+                          output_type="pt", **size, **family_of_pipeline(pipe).call_kwargs(pipe)).images
         out.append(images.float().cpu())
     if not out:
         return torch.zeros(0, 3, 1, 1)

@@ -48,6 +48,18 @@ def tiny_sd3_dir(tmp_path_factory) -> Path:
     return directory / "pipeline"
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny random FLUX pipeline (CLIP pooled + T5 with 16 tokens, a guidance-embedding transformer on packed
+    latents, the resolution-dependent flow-matching scheduler) in diffusers layout."""
+    from models.builders import build_flux_components, save_components
+
+    directory = tmp_path_factory.mktemp("tiny_flux")
+    words = ["a", "red", "blue", "green", "circle", "square", "photo", "of"]
+    save_components(build_flux_components(directory / "_build", words=words), directory / "pipeline")
+    return directory / "pipeline"
+
+
 def solid_image(path: Path, color: tuple[int, int, int], size: int = 24) -> Path:
     from PIL import Image
 

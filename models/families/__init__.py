@@ -9,11 +9,12 @@ from diffusers import DiffusionPipeline
 
 from common.errors import InputError
 from models.families.base import DEFAULT_FAMILY, FAMILIES, Components, ImageGeometry, ModelFamily
+from models.families.flux import FLUX_FAMILY, FluxFamily
 from models.families.sd import SD_FAMILY, SDFamily
 from models.families.sd3 import SD3_FAMILY, SD3Family
 from models.families.sdxl import SDXL_FAMILY, SDXLFamily
 
-__all__ = ["FAMILIES", "Components", "ImageGeometry", "ModelFamily", "SD3Family", "SD3_FAMILY", "SDFamily",
+__all__ = ["FAMILIES", "FLUX_FAMILY", "Components", "FluxFamily", "ImageGeometry", "ModelFamily", "SD3Family", "SD3_FAMILY", "SDFamily",
            "SDXLFamily", "SD_FAMILY", "SDXL_FAMILY", "family_for", "family_named"]
 
 

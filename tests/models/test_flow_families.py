@@ -143,3 +143,87 @@ def test_sd3_lora_export_loads_in_the_sd3_pipeline_as_the_trained_transformer(sd
     torch.testing.assert_close(outputs[file], trained, rtol=0, atol=1e-5)
     assert (outputs[file] - outputs[None]).abs().max() > 1e-2
     assert (images[file] - images[None]).abs().max() > 1e-3  # and the image a fixed seed gives
+
+
+# ------------------------------------------------------------------------------------------------------ FLUX
+@pytest.fixture(scope="module")
+def flux_components(tmp_path_factory):
+    from models.builders import build_flux_components
+
+    return build_flux_components(tmp_path_factory.mktemp("flux") / "build", words=WORDS)
+
+
+def test_flux_encoding_prediction_and_shift_are_the_pipelines(flux_components):
+    """Prompts as FluxPipeline.encode_prompt encodes them; the prediction is the transformer on the packed latents
+    with the pipeline's position ids and guidance, unpacked; the noise-level shift is the scheduler's own."""
+    from diffusers import FluxPipeline
+
+    from models.families.flux import FLUX_FAMILY
+
+    c = flux_components
+    prompts = ["a red circle", "", "a blue square"]
+    pipe = c.pipeline()
+    with torch.no_grad():
+        ours = FLUX_FAMILY.encode_prompts(c, prompts, torch.device("cpu"))
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, max_sequence_length=c.tokenizer_2.model_max_length)
+    torch.testing.assert_close(ours["prompt_embeds"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        ours = FLUX_FAMILY.predict(c.unet, x, t, FLUX_FAMILY.conditioning(ours, ("w",)))
+        packed = FluxPipeline._pack_latents(x, 3, 4, 8, 8)
+        ids = FluxPipeline._prepare_latent_image_ids(3, 4, 4, x.device, x.dtype)
+        theirs = c.unet(hidden_states=packed, timestep=t, guidance=torch.full((3,), 3.5), encoder_hidden_states=embeds,
+                        pooled_projections=pooled, txt_ids=text_ids, img_ids=ids).sample
+        theirs = FluxPipeline._unpack_latents(theirs, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor,
+                                              pipe.vae_scale_factor)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+    scheduler, sigmas = c.noise_scheduler, torch.tensor([0.1, 0.5, 0.9])
+    shape = torch.Size([3, 4, 64, 64])  # 32 x 32 = 1024 image tokens
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)
+    torch.testing.assert_close(FLUX_FAMILY.shift(scheduler, sigmas, shape), scheduler.time_shift(mu, 1.0, sigmas))
+
+
+def test_flux_lora_export_loads_in_the_flux_pipeline_as_the_trained_transformer(flux_components, tmp_path):
+    import copy
+
+    from diffusers import FluxPipeline
+
+    from alignment.sft import SFT
+    from models.builders import save_components
+    from models.families.flux import FLUX_FAMILY
+    from models.lora_io import save_lora
+
+    c = flux_components
+    pipeline_dir = save_components(c, tmp_path / "pipeline")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    module = AlignmentModule(copy.deepcopy(c.unet), c.noise_scheduler, SFT(), family=FLUX_FAMILY,
+                             lora={"rank": 4, "alpha": 8, "target_modules": targets})
+    g = torch.Generator().manual_seed(0)
+    for _, p in module.unet.named_parameters():
+        if p.requires_grad:
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+    file = save_lora(module.unet, tmp_path / "lora", family=FLUX_FAMILY)
+
+    with torch.no_grad():
+        cond = FLUX_FAMILY.conditioning(FLUX_FAMILY.encode_prompts(c, ["a red circle"] * 2, torch.device("cpu")), ("w",))
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.25, 0.8])
+    outputs, images = {}, {}
+    for lora in (None, file):
+        pipe = FluxPipeline.from_pretrained(pipeline_dir)
+        if lora is not None:
+            pipe.load_lora_weights(str(lora.parent))
+        with torch.no_grad():
+            outputs[lora] = FLUX_FAMILY.predict(pipe.transformer, x, t, cond)
+        pipe.set_progress_bar_config(disable=True)
+        images[lora] = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="pt",
+                            max_sequence_length=c.tokenizer_2.model_max_length,
+                            generator=torch.Generator().manual_seed(1)).images
+    with torch.no_grad():
+        trained = FLUX_FAMILY.predict(module.unet, x, t, cond)
+    torch.testing.assert_close(outputs[file], trained, rtol=0, atol=1e-5)
+    assert (outputs[file] - outputs[None]).abs().max() > 1e-2
+    assert (images[file] - images[None]).abs().max() > 1e-3

@@ -1,6 +1,7 @@
-"""train.py and evaluate.py end to end on a tiny random SD 3 pipeline (rectified flow, MMDiT, CLIP x 2 + T5):
-every objective a few steps, SafetyDPO's experts merged (Co-Merge and a peft baseline) and evaluated, task=merge,
-and evaluate.py on a merged LoRA. The family comes from the checkpoint's model_index.json."""
+"""train.py and evaluate.py end to end on tiny random rectified-flow pipelines, SD 3 (MMDiT, CLIP x 2 + T5) and
+FLUX (packed latents, CLIP pooled + T5, guidance embedding): every objective a few steps, SafetyDPO's experts merged
+(Co-Merge and a peft baseline) and evaluated, task=merge, and evaluate.py on a merged LoRA. The family comes from
+the checkpoint's model_index.json."""
 from __future__ import annotations
 
 import json
@@ -24,11 +25,28 @@ def run(script: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def sd3(pipeline: Path, cache: Path, steps: int = 2) -> list[str]:
-    """A tiny SD 3 run: model=sd3's settings on the tiny pipeline (16 T5 tokens, native size), LoRA rank 4,
-    batch 2, CPU, a CSV log per step."""
-    return ["model=sd3", f"model.pretrained={pipeline}", "model.resolution=null", "model.family_options.max_sequence_length=16",
-            "model.lora.rank=4", "model.lora.alpha=8", "data.num_workers=0", "data.batch_size=2", "data.val_fraction=0",
+FAMILIES = {"sd3": "model=sd3", "flux": "model=flux_dev"}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def pipeline_dir(family, request) -> Path:
+    return request.getfixturevalue(f"tiny_{family}_dir")
+
+
+def model(family: str, pipeline: Path) -> list[str]:
+    """The family's model config on its tiny pipeline: 16 T5 tokens, 16 px (8 x 8 latents)."""
+    return [FAMILIES[family], f"model.pretrained={pipeline}", "model.resolution=16",
+            "model.family_options.max_sequence_length=16"]
+
+
+def flow(family: str, pipeline: Path, cache: Path, steps: int = 2) -> list[str]:
+    """A tiny run: the family's model settings, LoRA rank 4, batch 2, CPU, a CSV log per step."""
+    return [*model(family, pipeline), "model.lora.rank=4", "model.lora.alpha=8", "data.num_workers=0", "data.batch_size=2", "data.val_fraction=0",
             f"data.cache_dir={cache}", "logger=csv", "trainer.accelerator=cpu", f"trainer.max_steps={steps}",
             "trainer.log_every_n_steps=1", "~callbacks.toy_report", "model.optimizer.lr=1e-2"]
 
@@ -43,26 +61,26 @@ VALIDATION = ["callbacks=uas_validation", "callbacks.alignment_validation.every_
 
 
 @pytest.mark.parametrize("objective, extra", [("sft", []), ("dpo", VALIDATION)], ids=["sft", "dpo-with-validation"])
-def test_sft_and_dpo_on_sd3(objective, extra, tiny_sd3_dir, jsonl_pairs, tmp_path):
+def test_sft_and_dpo(family, pipeline_dir, objective, extra, jsonl_pairs, tmp_path):
     out = tmp_path / "run"
-    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "data=jsonl", f"data.path={jsonl_pairs}",
+    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "data=jsonl", f"data.path={jsonl_pairs}",
                  f"objective={objective}", "data.p_uncond=0.5", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics_rows(out)
     assert len([r for r in rows if r.get("train/loss")]) == 2
     assert lora_written(out) and not (out / "lora" / "final" / "lora_kohya.safetensors").exists()
-    if extra:  # the UAS validation callback sampled with the SD 3 pipeline at step 2
+    if extra:  # the UAS validation callback sampled with the family's pipeline at step 2
         assert any(r.get("val/uas") for r in rows), sorted(rows[-1])
 
 
-def test_scdpo_on_sd3_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sd3_dir, tmp_path):
+def test_scdpo_with_coprov2_and_pickapic_files_and_a_cost_model(family, pipeline_dir, tmp_path):
     from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
 
     (tmp_path / "copro").mkdir()
     copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
     pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
     out = tmp_path / "run"
-    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
+    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
                  f"data.reader.harmful.path={copro}", f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}",
                  f"data.cost_model={ROOT / 'assets/toy/cost_model'}", "model.benign_anchor=10")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,7 +89,7 @@ def test_scdpo_on_sd3_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sd3_
     assert lora_written(out)
 
 
-def test_spo_on_sd3_with_dual_annotations(tiny_sd3_dir, tmp_path):
+def test_spo_with_dual_annotations(family, pipeline_dir, tmp_path):
     lines = []
     for i in range(4):
         for j, (color, quality, unsafe) in enumerate([((200, 20, 20), 0.9, 0.1), ((20, 20, 200), 0.4, 0.8)]):
@@ -80,7 +98,7 @@ def test_spo_on_sd3_with_dual_annotations(tiny_sd3_dir, tmp_path):
                                      "unsafe": unsafe, "categories": ["violence"]}))
     (tmp_path / "data" / "annotations.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "objective=spo", "data=dual",
+    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "objective=spo", "data=dual",
                  f"data.path={tmp_path / 'data' / 'annotations.jsonl'}")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
@@ -88,9 +106,9 @@ def test_spo_on_sd3_with_dual_annotations(tiny_sd3_dir, tmp_path):
     assert lora_written(out)
 
 
-def test_safetydpo_experts_merge_and_evaluate_on_sd3(tiny_sd3_dir, jsonl_pairs, tmp_path):
+def test_safetydpo_experts_merge_and_evaluate(family, pipeline_dir, jsonl_pairs, tmp_path):
     """Experts per category, Co-Merge and peft's ties_svd on transformer LoRAs, each evaluated; then task=merge on
-    the experts and evaluate.py on its Co-Merge LoRA, sampled by StableDiffusion3Pipeline."""
+    the experts and evaluate.py on its Co-Merge LoRA, sampled by the family's pipeline."""
     (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")  # toy scorer
     (tmp_path / "benign.txt").write_text("a green circle on navy\n")
     evaluation = ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
@@ -98,7 +116,7 @@ def test_safetydpo_experts_merge_and_evaluate_on_sd3(tiny_sd3_dir, jsonl_pairs, 
                   "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
                   f"cache_dir={tmp_path / 'eval_cache'}"]
     out = tmp_path / "safetydpo"
-    result = run("train.py", out, *sd3(tiny_sd3_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
+    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
                  "data=jsonl", f"data.path={jsonl_pairs}", "experts=[violence,hate]", "logger=none",
                  "merge.method=[co_merge,ties_svd]", "merge.calibration_prompts=4",
                  f"evaluation.overrides=[{','.join(repr(o) for o in evaluation)}]")
@@ -111,15 +129,14 @@ def test_safetydpo_experts_merge_and_evaluate_on_sd3(tiny_sd3_dir, jsonl_pairs, 
     experts = sorted(str(p.parent) for p in out.glob("experts/*/lora/final/pytorch_lora_weights.safetensors"))
     assert len(experts) == 2, list(out.rglob("pytorch_lora_weights.safetensors"))
     merged = tmp_path / "merge"
-    result = run("train.py", merged, *sd3(tiny_sd3_dir, tmp_path / "cache"), "task=merge", "data=jsonl",
+    result = run("train.py", merged, *flow(family, pipeline_dir, tmp_path / "cache"), "task=merge", "data=jsonl",
                  f"data.path={jsonl_pairs}", f"merge.experts=[{','.join(experts)}]", "merge.method=co_merge",
                  "merge.calibration_prompts=4")
     assert result.returncode == 0, result.stderr[-3000:]
 
     evaluated = tmp_path / "eval"
-    result = run("evaluate.py", evaluated, "model=sd3", f"model.pretrained={tiny_sd3_dir}",
-                 "model.family_options.max_sequence_length=16", f"lora={merged / 'merged' / 'co_merge'}", *evaluation,
-                 "device=cpu")
+    result = run("evaluate.py", evaluated, *model(family, pipeline_dir), f"lora={merged / 'merged' / 'co_merge'}",
+                 *evaluation, "device=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert {"ip", "uas", "benign_fidelity"} <= set(metrics["aligned"])
