@@ -19,7 +19,6 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from diffusers import DDIMScheduler
 
 from common.files import atomic_write
 from data.readers.prompts import EvalPrompt, toy_prompts
@@ -36,11 +35,11 @@ log = logging.getLogger(__name__)
 class ToyAlignmentReport(L.Callback):
     def __init__(self, dirpath: str | Path, detectors: Sequence, fidelity, metrics: Sequence[Aggregate],
                  seeds_per_prompt: int = 4, num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                 seed: int = 1234, tau: float = 0.5, batch_size: int = 64) -> None:
+                 seed: int = 1234, tau: float = 0.5, batch_size: int = 64, scheduler: str = "ddim") -> None:
         self.dirpath = Path(dirpath)
         self.scorer, self.metrics, self.tau = Scorer(list(detectors), fidelity, tau), list(metrics), float(tau)
-        self.settings = SamplerSettings(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                        batch_size=batch_size)
+        self.settings = SamplerSettings(scheduler=scheduler, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale, batch_size=batch_size)
         self.seeds_per_prompt, self.seed = seeds_per_prompt, seed
         self.before: tuple[list[dict], torch.Tensor] | None = None
         self.qbar: dict[str, float | None] = {}
@@ -73,7 +72,7 @@ class ToyAlignmentReport(L.Callback):
                 module.train(was_training)
                 return None
             pipe = trainer.datamodule.encoder.to(module.device).pipeline(
-                unet, DDIMScheduler.from_config(module.noise_scheduler.config))
+                unet, module.family.sampling_scheduler(self.settings.scheduler, module.noise_scheduler.config))
             pipe.set_progress_bar_config(disable=True)
             records, images = generate_records(pipe, jobs, self.settings, self.scorer, progress=False)
             if safe:  # drawn apart: the harmful and benign images keep their batches with or without them

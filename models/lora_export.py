@@ -69,7 +69,7 @@ class LoraExportCallback(L.Callback):
             path = self._export(trainer, module, "final")
             directory = path.parent
         else:
-            directory = path = self.dirpath.parent / "unet"
+            directory = path = self.dirpath.parent / module.family.denoiser_name  # a pipeline subfolder: unet, transformer
             with self._weights(trainer, module):
                 module.unet.save_pretrained(path)
         write_model_card(directory / "README.md", self.model_card(trainer, module))

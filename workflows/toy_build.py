@@ -9,10 +9,19 @@
 3. a random UNet assembled with them into a diffusers pipeline, then pretrained by
    ``train.py experiment=toy_pretrain`` (``objective=sft`` on the world's image-caption set);
 4. the result saved as a standard StableDiffusionPipeline directory in ``<out>/sd``.
+
+With ``--family sd3`` it builds the toy flow model instead, on the CLIP and VAE already in ``<out>``:
+
+    python -m workflows.toy_build --family sd3 --out assets/toy
+
+an SD 3-style MMDiT (``FLOW_TRANSFORMER``) conditioned on the toy CLIP's text tower with its projection (as both
+of SD 3's CLIP encoders, no T5), pretrained by ``train.py experiment=toy_pretrain model=toy_flow`` (rectified-flow
+``sft``) and saved as a StableDiffusion3Pipeline directory in ``<out>/flow``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import random
 import shutil
@@ -24,14 +33,30 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from data.toy.world import SIZE, VOCABULARY, Prompt, ToyWorld
 from models.builders import DDPM_SD
 from models.components import SDComponents
-from models.tokenizer_files import write_clip_tokenizer
+from models.families.base import Components
+from models.families.sd3 import SD3_FAMILY
+from models.tokenizer_files import write_clip_tokenizer, write_t5_tokenizer
 
 log = logging.getLogger("toy_build")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +67,14 @@ UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
 )
+# the toy flow model's transformer: 8 x 8 latent tokens (patch 1), 128 wide; its text input is the two CLIP
+# states concatenated (2 x 64 = 128), its pooled input the two 64-wide projections
+FLOW_TRANSFORMER = dict(
+    sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
+    num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
+    pos_embed_max_size=8,
+)
+FLOW_SHIFT = 1.0  # 64 image tokens: no shift towards high noise (SD 3 shifts by 3 at 4096)
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -175,6 +208,47 @@ def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int
     log.info("toy pipeline written to %s in %.1f min", final, (time.time() - start) / 60)
 
 
+def build_flow(out: Path, steps: int, seed: int) -> None:
+    """The toy flow model from the CLIP and VAE of ``out`` (built by the default family first)."""
+    start = time.time()
+    if not (out / "clip" / "model.safetensors").is_file() or not (out / "sd" / "vae").is_dir():
+        raise SystemExit(f"{out}: build the toy world's CLIP and VAE first (python -m workflows.toy_build --out {out})")
+    staging = out / "_flow_staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    clip = CLIPModel.from_pretrained(out / "clip").eval()
+    text_config = clip.config.text_config
+    text_config.projection_dim = clip.config.projection_dim
+    encoder = CLIPTextModelWithProjection(text_config)
+    getattr(encoder, "text_model", encoder).load_state_dict(clip.text_model.state_dict())
+    encoder.text_projection.load_state_dict(clip.text_projection.state_dict())
+    encoder.requires_grad_(False).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(out / "sd" / "tokenizer")
+    torch.manual_seed(seed)
+    components = Components(
+        unet=SD3Transformer2DModel(**FLOW_TRANSFORMER), vae=AutoencoderKL.from_pretrained(out / "sd" / "vae"),
+        text_encoder=encoder, tokenizer=tokenizer, text_encoder_2=copy.deepcopy(encoder), tokenizer_2=tokenizer,
+        noise_scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
+        source=str(staging), tokenizer_3=write_t5_tokenizer(staging / "t5", VOCABULARY, model_max_length=4),
+        family=SD3_FAMILY,
+    )
+    components.pipeline().save_pretrained(staging / "base", safe_serialization=True)
+    run_dir = staging / "pretrain"
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=toy_pretrain", "model=toy_flow",
+           f"model.pretrained={staging / 'base'}", f"trainer.max_steps={steps}", f"seed={seed}",
+           f"hydra.run.dir={run_dir}"]
+    log.info("pretraining the transformer: %s", " ".join(cmd))
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    final, tmp = out / "flow", out / "_flow_new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(staging / "base", tmp)
+    shutil.rmtree(tmp / "transformer")
+    shutil.copytree(run_dir / "transformer", tmp / "transformer")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("toy flow pipeline written to %s in %.1f min", final, (time.time() - start) / 60)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -184,8 +258,14 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the CLIP and VAE already in --out")
+    parser.add_argument("--family", choices=["sd", "sd3"], default="sd",
+                        help="sd: the toy UNet pipeline (<out>/sd); sd3: the toy flow model (<out>/flow) on its CLIP and VAE")
+    parser.add_argument("--flow-steps", type=int, default=3000)
     args = parser.parse_args()
-    build(args.out, args.clip_steps, args.vae_steps, args.unet_steps, args.seed, args.reuse)
+    if args.family == "sd3":
+        build_flow(args.out, args.flow_steps, args.seed)
+    else:
+        build(args.out, args.clip_steps, args.vae_steps, args.unet_steps, args.seed, args.reuse)
 
 
 if __name__ == "__main__":
