@@ -5,9 +5,14 @@
     python benchmarks/train_step.py --model sd15-arch --resolution 64 --batch 1 --steps 3   # GPU path, tiny, on CPU
     python benchmarks/train_step.py --model sdxl-arch --batch 4 --device cuda                # SDXL base 1.0's shapes
     python benchmarks/train_step.py --model sdxl-tiny --batch 2 --steps 1                     # the SDXL path, tiny
+    python benchmarks/train_step.py --model sd3-arch --resolution 128 --batch 1 --steps 2    # SD 3 medium's shapes
+    python benchmarks/train_step.py --model sd3-tiny --batch 2 --steps 1                      # the flow path, tiny
 
 The model family decides what a step computes (``models/families/``): SDXL's reference encodes the prompts with
 both text encoders every step and its UNets take the pooled embedding and the time ids; ours reads them cached.
+SD 3 draws logit-normal noise levels and regresses velocities (rectified flow); ``sd3-arch`` leaves T5-XXL out
+(4.7 B parameters, 19 GB in float32; SD 3 trains and samples without it, its tokens then zeros), so the reference's
+per-step text encoding is the two CLIP towers'.
 
 Both variants run in this process, side by side, on the same random-weight components and batches:
 
@@ -64,6 +69,7 @@ from models.builders import (
     SDXL_UNET,
     SDXL_VAE,
     build_components,
+    build_sd3_components,
     build_sdxl_components,
 )
 from models.components import SDComponents, load_components
@@ -74,7 +80,13 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # benchmark option -> model.compile value
 COMPILE_MODES = {"autotune": "max-autotune-no-cudagraphs", "cudagraphs": "reduce-overhead", "compile": True}
 OPTIONS = {"bf16", "channels_last", "fused", "cudnn_benchmark", "cudnn_attention", "batched", "lightning", *COMPILE_MODES}
-MODELS = ("toy", "sd15-arch", "sdxl-arch", "sdxl-tiny")
+MODELS = ("toy", "sd15-arch", "sdxl-arch", "sdxl-tiny", "sd3-arch", "sd3-tiny")
+# Stable Diffusion 3 medium (published config values of its transformer/, vae/, text_encoder/ and text_encoder_2/);
+# build_sd3_components derives the transformer's text width (T5's 4096) and pooled input (768 + 1280)
+SD3_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)
+SD3_VAE = {**SD15_VAE, "latent_channels": 16, "sample_size": 1024, "use_quant_conv": False, "use_post_quant_conv": False}
+SD3_TEXT_2 = {**SDXL_TEXT_2}  # OpenCLIP ViT-bigG/14 text tower (both CLIPs keep their projections in SD 3)
 PROMPT = "a photo of a red circle"
 LORA = dict(rank=8, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 
@@ -89,6 +101,12 @@ def components_for(model: str, tmp: Path) -> SDComponents:
                                      projection_dim=SDXL_PROJECTION, words=words)
     if model == "sdxl-tiny":
         return build_sdxl_components(tmp / "sdxl_tiny", words=words)
+    if model == "sd3-arch":  # no T5 (see the module docstring); both CLIP towers project to 768 / 1280
+        return build_sd3_components(tmp / "sd3", transformer=SD3_TRANSFORMER, vae=SD3_VAE, text=SDXL_TEXT,
+                                    text_2=SD3_TEXT_2, t5=None, t5_width=4096, projection_dim=(768, 1280),
+                                    max_sequence_length=256, words=words)
+    if model == "sd3-tiny":
+        return build_sd3_components(tmp / "sd3_tiny", words=words)
     return build_components(tmp / "sd15", unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, words=words)
 
 
@@ -100,19 +118,21 @@ def cached_keys(components: SDComponents) -> tuple[str, ...]:
 
 
 def make_batch(components: SDComponents, pairs: int, resolution: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What each variant's data loader hands over, in host memory: images and token ids (one row per text
-    encoder) for the reference; cached latents, the family's prompt tensors and per-image tensors for ours."""
+    """What each variant's data loader hands over, in host memory: images and token ids (``input_ids_<i>`` per
+    text encoder) for the reference; cached latents, the family's prompt tensors and per-image tensors for ours."""
     g = torch.Generator().manual_seed(seed)
     family = components.family
-    ids = torch.stack([token_ids(tokenizer, [PROMPT] * pairs) for _, _, tokenizer in components.text_encoders()])
+    ids = {f"input_ids_{i}": token_ids(tokenizer, [PROMPT] * pairs)
+           for i, (_, _, tokenizer) in enumerate(components.text_encoders())}
     latent = resolution // (2 ** (len(components.vae.config.block_out_channels) - 1))
+    channels = components.vae.config.latent_channels
     with torch.no_grad():
         encoded = family.encode_prompts(components, [PROMPT], torch.device("cpu"))
     batch = {
         "pixels": torch.randint(0, 256, (2 * pairs, 3, resolution, resolution), generator=g, dtype=torch.uint8),
-        "input_ids": ids,
-        "latents_w": torch.randn(pairs, 4, latent, latent, generator=g),
-        "latents_l": torch.randn(pairs, 4, latent, latent, generator=g),
+        **ids,
+        "latents_w": torch.randn(pairs, channels, latent, latent, generator=g),
+        "latents_l": torch.randn(pairs, channels, latent, latent, generator=g),
         **{k: v.float().repeat(pairs, *([1] * (v.ndim - 1))) for k, v in encoded.items()},
     }
     image = family.image_conditioning(square_geometry(resolution))  # square images, no crop (SDXL's time ids)
@@ -189,16 +209,18 @@ class Reference(Variant):
         # the family's text encoding on copies of its encoders, fed the loader's token ids
         self.family, self.tokenizers = components.family, [IdsTokenizer(t) for _, _, t in components.text_encoders()]
         texts = [variant_copy(e, share).requires_grad_(False).to(device) for _, e, _ in components.text_encoders()]
-        self.encoders = dataclasses.replace(components, text_encoder=texts[0], tokenizer=self.tokenizers[0],
-                                            text_encoder_2=texts[1] if len(texts) > 1 else None,
-                                            tokenizer_2=self.tokenizers[1] if len(texts) > 1 else None)
+        names = [name for name, _, _ in components.text_encoders()]
+        self.encoders = dataclasses.replace(components, **{name: text for name, text in zip(names, texts)},
+                                            **{name.replace("text_encoder", "tokenizer"): tokenizer
+                                               for name, tokenizer in zip(names, self.tokenizers)})
         self.scheduler = components.noise_scheduler
         self.ref = variant_copy(components.unet, share).requires_grad_(False).to(device).eval()
         self.policy = variant_copy(components.unet, share).requires_grad_(False)
         self.policy.add_adapter(LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"],
                                            init_lora_weights="gaussian"))
-        for unet in (self.ref, self.policy):
-            unet.set_attn_processor(AttnProcessor2_0())
+        if components.family.denoiser_name == "unet":  # the transformers' default processors are SDPA already
+            for unet in (self.ref, self.policy):
+                unet.set_attn_processor(AttnProcessor2_0())
         self.policy.to(device).train()
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -208,24 +230,26 @@ class Reference(Variant):
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         pixels = batch["pixels"].to(self.device, non_blocking=True).float().div(127.5).sub(1)
-        ids = batch["input_ids"].to(self.device, non_blocking=True)
-        for tokenizer, rows in zip(self.tokenizers, ids):
-            tokenizer.ids = rows
-        n = ids.shape[1]
+        for i, tokenizer in enumerate(self.tokenizers):
+            tokenizer.ids = batch[f"input_ids_{i}"].to(self.device, non_blocking=True)
+        n = pixels.shape[0] // 2
         image = {k: batch[k].to(self.device, non_blocking=True) for k in batch if k.startswith("time_ids_")}
         with self.autocast:
             with torch.no_grad():
-                latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+                shift = self.vae.config.get("shift_factor") or 0.0
+                latents = (self.vae.encode(pixels).latent_dist.sample() - shift) * self.vae.config.scaling_factor
                 encoded = self.family.encode_prompts(self.encoders, [PROMPT] * n, self.device)
                 cond = self.family.conditioning({**encoded, **image}, ("w", "l"))
             noise = torch.randn_like(latents[:n]).repeat(2, 1, 1, 1)
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), device=self.device).repeat(2)
-            noisy = self.scheduler.add_noise(latents, noise, t)
+            # the family's training draw: integer timesteps (DDPM) or shifted logit-normal noise levels (flow)
+            steps = self.scheduler.config.num_train_timesteps
+            t = self.family.draw_timesteps(self.scheduler, latents[:n].shape, 0, steps - 1, device=self.device).repeat(2)
+            noisy, target = self.family.noisy_and_target(self.scheduler, latents, noise, t)
             pred = self.family.predict(self.policy, noisy, t, cond)
             with torch.no_grad():
                 ref = self.family.predict(self.ref, noisy, t, cond)
-            err = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-            ref_err = (ref.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+            err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+            ref_err = (ref.float() - target).pow(2).mean(dim=(1, 2, 3))
             loss = recipe_dpo_loss(err, ref_err, self.beta)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -441,7 +465,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"\nsampling, {args.sampling_steps} steps, classifier-free guidance, batch {args.batch}:\n")
     print("| scheduler | dtype | images/s |\n|---|---|---:|")
     for dtype in ([torch.float32, torch.bfloat16] if gpu else [torch.float32]):
-        for scheduler in ("ddim", "dpm"):
+        for scheduler in components.family.sampling_schedulers[:2]:  # UNets: ddim, dpm; flow: euler
             rate = sampling_rate(components, device, scheduler, args.sampling_steps, args.batch, resolution, dtype)
             print(f"| {scheduler} | {str(dtype).removeprefix('torch.')} | {rate:.2f} |")
     return rows

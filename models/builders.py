@@ -184,21 +184,27 @@ def build_sd3_components(
     vae: dict[str, Any] = TINY_VAE,
     text: dict[str, Any] = TINY_TEXT,
     t5: dict[str, Any] | None = TINY_T5,
-    projection_dim: int = 32,
+    projection_dim: int | tuple[int, int] = 32,
     max_sequence_length: int = 16,
     words: list[str] = (),
     seed: int = 0,
+    text_2: dict[str, Any] | None = None,
+    t5_width: int | None = None,
 ) -> Components:
-    """Random-weight SD 3 components: two CLIP text encoders with ``projection_dim`` projections, a T5 encoder
-    (``t5=None``: none, its tokens zeros), tokenizers for ``words`` written into ``directory``; the transformer's
-    text width is T5's and its pooled input the two projections; a VAE with SD 3's shift and scale."""
+    """Random-weight SD 3 components: two CLIP text encoders (``text``, ``text_2``: the same by default) with
+    ``projection_dim`` projections (one for both, or one each), a T5 encoder (``t5=None``: none, its tokens zeros
+    of ``t5_width``), tokenizers for ``words`` written into ``directory``; the transformer's text width is T5's
+    and its pooled input the two projections; a VAE with SD 3's shift and scale."""
     torch.manual_seed(seed)
     directory = Path(directory)
-    tokenizers = [write_clip_tokenizer(directory / f"tokenizer{s}", words, model_max_length=text["max_position_embeddings"])
-                  for s in ("", "_2")]
+    specs = [text, text_2 or text]
+    projections = projection_dim if isinstance(projection_dim, tuple) else (projection_dim, projection_dim)
+    tokenizers = [write_clip_tokenizer(directory / f"tokenizer{s}", words, model_max_length=spec["max_position_embeddings"])
+                  for s, spec in zip(("", "_2"), specs)]
     t5_tokenizer = write_t5_tokenizer(directory / "tokenizer_3", words, model_max_length=max_sequence_length)
-    width = (t5 or TINY_T5)["d_model"]
-    encoders = [CLIPTextModelWithProjection(clip_config(tok, text, projection_dim=projection_dim)) for tok in tokenizers]
+    width = t5["d_model"] if t5 else (t5_width or TINY_T5["d_model"])
+    encoders = [CLIPTextModelWithProjection(clip_config(tok, spec, projection_dim=proj))
+                for tok, spec, proj in zip(tokenizers, specs, projections)]
     t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
                                          eos_token_id=t5_tokenizer.eos_token_id, **t5)) if t5 else None
     for part in (*encoders, t5_encoder):  # frozen and in eval mode, as the family loads them (T5 has dropout)
@@ -207,8 +213,8 @@ def build_sd3_components(
     return Components(
         unet=SD3Transformer2DModel(**{**transformer, "in_channels": vae["latent_channels"],
                                       "out_channels": vae["latent_channels"], "joint_attention_dim": width,
-                                      "pooled_projection_dim": 2 * projection_dim}),
-        vae=AutoencoderKL(**{**vae, "shift_factor": 0.0609, "scaling_factor": 1.5305}),
+                                      "pooled_projection_dim": sum(projections)}),
+        vae=AutoencoderKL(**{"shift_factor": 0.0609, "scaling_factor": 1.5305, **vae}),
         text_encoder=encoders[0], tokenizer=tokenizers[0],
         noise_scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SD3),
         source=str(directory),

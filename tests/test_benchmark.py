@@ -90,3 +90,19 @@ def test_sdxl_arch_has_the_published_sdxl_base_unet():
         unet = UNet2DConditionModel(**SDXL_UNET, cross_attention_dim=cross,
                                     projection_class_embeddings_input_dim=6 * SDXL_UNET["addition_time_embed_dim"] + SDXL_PROJECTION)
     assert cross == 2048 and sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs_the_flow_path_on_a_tiny_sd3(capsys):
+    """sd3-tiny: the sd3-arch code path (the reference VAE-encodes with SD 3's shift and scale and encodes with
+    both CLIPs and T5 every step; both variants draw noise levels and regress velocities) on a tiny random SD 3;
+    its sampling table uses the flow-matching Euler scheduler."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    rows = train_step.main(["--model", "sd3-tiny", "--batch", "1", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                            "--sampling-steps", "2"])
+    assert [r["variant"] for r in rows] == ["reference", "ours"]
+    assert all(r["median"] > 0 for r in rows) and rows[1]["gflop_step"] < rows[0]["gflop_step"]
+    out = capsys.readouterr().out
+    assert "model sd3-tiny" in out and "| euler |" in out

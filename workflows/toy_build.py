@@ -67,14 +67,14 @@ UNET = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
 )
-# the toy flow model's transformer: 8 x 8 latent tokens (patch 1), 128 wide; its text input is the two CLIP
+# the toy flow model's transformer: 4 x 4 tokens of 2 x 2 latent patches, 128 wide; its text input is the two CLIP
 # states concatenated (2 x 64 = 128), its pooled input the two 64-wide projections
 FLOW_TRANSFORMER = dict(
-    sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
+    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
     num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
     pos_embed_max_size=8,
 )
-FLOW_SHIFT = 1.0  # 64 image tokens: no shift towards high noise (SD 3 shifts by 3 at 4096)
+FLOW_SHIFT = 1.0  # 16 image tokens: no shift towards high noise (SD 3 shifts by 3 at 4096)
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
