@@ -150,6 +150,7 @@ def test_sdxl_pair_errors_call_the_unet_with_added_conditioning(tiny_sdxl_dir, o
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(500)  # the subprocess may take 400 s on a slow or busy machine
 def test_train_py_runs_dpo_on_a_tiny_sdxl(tiny_sdxl_dir, odd_pairs, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={out}", "model=sd15",

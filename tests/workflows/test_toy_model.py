@@ -60,6 +60,7 @@ def test_same_seed_same_image_whatever_the_batch(pipe):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(800)  # its two subprocesses may take 400 + 300 s on a slow or busy machine
 def test_short_default_run_lowers_the_harmful_rate(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", "logger=csv",
            "trainer.max_steps=200", "callbacks.toy_report.seeds_per_prompt=2", "data.reader.images_per_prompt=4",

@@ -71,6 +71,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(500)  # the subprocess may take 400 s on a slow or busy machine
 def test_ddp_on_two_cpu_processes_shards_the_data_and_saves_once(tmp_path):
     out = tmp_path / "ddp"
     result = train(out, *toy(tmp_path / "cache", 4), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
