@@ -178,6 +178,11 @@ def clip_config(tokenizer, spec: dict[str, Any], **extra) -> CLIPTextConfig:
                           pad_token_id=tokenizer.pad_token_id, **spec, **extra)
 
 
+def t5_model(tokenizer, spec: dict[str, Any]) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, **spec))
+
+
 def build_sd3_components(
     directory: str | Path,
     transformer: dict[str, Any] = TINY_SD3_TRANSFORMER,
@@ -205,8 +210,7 @@ def build_sd3_components(
     width = t5["d_model"] if t5 else (t5_width or TINY_T5["d_model"])
     encoders = [CLIPTextModelWithProjection(clip_config(tok, spec, projection_dim=proj))
                 for tok, spec, proj in zip(tokenizers, specs, projections)]
-    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
-                                         eos_token_id=t5_tokenizer.eos_token_id, **t5)) if t5 else None
+    t5_encoder = t5_model(t5_tokenizer, t5) if t5 else None
     for part in (*encoders, t5_encoder):  # frozen and in eval mode, as the family loads them (T5 has dropout)
         if part is not None:
             part.requires_grad_(False).eval()
@@ -243,8 +247,7 @@ def build_flux_components(
     tokenizer = write_clip_tokenizer(directory / "tokenizer", words, model_max_length=text["max_position_embeddings"])
     t5_tokenizer = write_t5_tokenizer(directory / "tokenizer_2", words, model_max_length=max_sequence_length)
     clip = CLIPTextModel(clip_config(tokenizer, text))
-    t5_encoder = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
-                                         eos_token_id=t5_tokenizer.eos_token_id, **t5))
+    t5_encoder = t5_model(t5_tokenizer, t5)
     for part in (clip, t5_encoder):
         part.requires_grad_(False).eval()
     return Components(

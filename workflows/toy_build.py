@@ -146,6 +146,19 @@ def train_vae(pixels: torch.Tensor, steps: int, seed: int, kl_weight: float = 1e
     return vae
 
 
+def install(base: Path, run_dir: Path, denoiser: str, final: Path) -> Path:
+    """The pipeline directory ``base`` with the pretrained ``denoiser`` subfolder of ``run_dir``, moved into place
+    as ``final`` (a copy staged beside it first)."""
+    tmp = final.with_name(f"_{final.name}_new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    shutil.rmtree(tmp / denoiser)
+    shutil.copytree(run_dir / denoiser, tmp / denoiser)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
 def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int, reuse: bool = False) -> None:
     """Run every stage; with ``reuse``, keep a CLIP and VAE already built in ``out`` and redo the UNet."""
     start = time.time()
@@ -195,14 +208,7 @@ def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int
     log.info("pretraining the UNet: %s", " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True)
 
-    final = out / "sd"
-    tmp = out / "_sd_new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(staging / "base", tmp)
-    shutil.rmtree(tmp / "unet")
-    shutil.copytree(run_dir / "unet", tmp / "unet")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = install(staging / "base", run_dir, "unet", out / "sd")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(vae_dir, ignore_errors=True)
     log.info("toy pipeline written to %s in %.1f min", final, (time.time() - start) / 60)
@@ -238,13 +244,7 @@ def build_flow(out: Path, steps: int, seed: int) -> None:
            f"hydra.run.dir={run_dir}"]
     log.info("pretraining the transformer: %s", " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True)
-    final, tmp = out / "flow", out / "_flow_new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(staging / "base", tmp)
-    shutil.rmtree(tmp / "transformer")
-    shutil.copytree(run_dir / "transformer", tmp / "transformer")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = install(staging / "base", run_dir, "transformer", out / "flow")
     shutil.rmtree(staging, ignore_errors=True)
     log.info("toy flow pipeline written to %s in %.1f min", final, (time.time() - start) / 60)
 

@@ -5,24 +5,22 @@ the checkpoint's model_index.json."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, solid_image
+from tests.workflows.test_sdxl_runs import (
+    VALIDATION,
+    check_scdpo_run,
+    check_spo_run,
+    dual_data,
+    run,
+    scp_data,
+    toy_scored_evaluation,
+)
 from tests.workflows.test_train_integration import metrics_rows
 
 pytestmark = pytest.mark.slow
-
-
-def run(script: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / script), f"hydra.run.dir={out}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 FAMILIES = {"sd3": "model=sd3", "flux": "model=flux_dev"}
@@ -55,11 +53,6 @@ def lora_written(out: Path) -> bool:
     return (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-VALIDATION = ["callbacks=uas_validation", "callbacks.alignment_validation.every_n_steps=2",
-              "callbacks.alignment_validation.images_per_prompt=1", "callbacks.alignment_validation.sampler.num_inference_steps=2",
-              "+callbacks.alignment_validation.sampler.height=32", "+callbacks.alignment_validation.sampler.width=32"]
-
-
 @pytest.mark.parametrize("objective, extra", [("sft", []), ("dpo", VALIDATION)], ids=["sft", "dpo-with-validation"])
 def test_sft_and_dpo(family, pipeline_dir, objective, extra, jsonl_pairs, tmp_path):
     out = tmp_path / "run"
@@ -74,47 +67,19 @@ def test_sft_and_dpo(family, pipeline_dir, objective, extra, jsonl_pairs, tmp_pa
 
 
 def test_scdpo_with_coprov2_and_pickapic_files_and_a_cost_model(family, pipeline_dir, tmp_path):
-    from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
-
-    (tmp_path / "copro").mkdir()
-    copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
-    pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
     out = tmp_path / "run"
-    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
-                 f"data.reader.harmful.path={copro}", f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}",
-                 f"data.cost_model={ROOT / 'assets/toy/cost_model'}", "model.benign_anchor=10")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [r for r in metrics_rows(out) if r.get("train/loss")]
-    assert len(rows) == 2 and any(r.get("train/safety_margin") for r in rows)
-    assert lora_written(out)
+    check_scdpo_run(run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), *scp_data(tmp_path)), out)
 
 
 def test_spo_with_dual_annotations(family, pipeline_dir, tmp_path):
-    lines = []
-    for i in range(4):
-        for j, (color, quality, unsafe) in enumerate([((200, 20, 20), 0.9, 0.1), ((20, 20, 200), 0.4, 0.8)]):
-            solid_image(tmp_path / "data" / f"{i}_{j}.png", (color[0], color[1] + i, color[2]))
-            lines.append(json.dumps({"prompt": f"a red circle {i}", "image": f"{i}_{j}.png", "quality": quality,
-                                     "unsafe": unsafe, "categories": ["violence"]}))
-    (tmp_path / "data" / "annotations.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "objective=spo", "data=dual",
-                 f"data.path={tmp_path / 'data' / 'annotations.jsonl'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
-    assert rows and min(float(r["train/reward_margin"]) for r in rows) >= 0.1
-    assert lora_written(out)
+    check_spo_run(run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), *dual_data(tmp_path)), out)
 
 
 def test_safetydpo_experts_merge_and_evaluate(family, pipeline_dir, jsonl_pairs, tmp_path):
     """Experts per category, Co-Merge and peft's ties_svd on transformer LoRAs, each evaluated; then task=merge on
     the experts and evaluate.py on its Co-Merge LoRA, sampled by the family's pipeline."""
-    (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")  # toy scorer
-    (tmp_path / "benign.txt").write_text("a green circle on navy\n")
-    evaluation = ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
-                  f"prompts.sets.benign.path={tmp_path / 'benign.txt'}", "images_per_prompt=1",
-                  "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
-                  f"cache_dir={tmp_path / 'eval_cache'}"]
+    evaluation = toy_scored_evaluation(tmp_path)
     out = tmp_path / "safetydpo"
     result = run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
                  "data=jsonl", f"data.path={jsonl_pairs}", "experts=[violence,hate]", "logger=none",

@@ -55,23 +55,27 @@ def test_sft_and_dpo_on_sdxl(objective, extra, tiny_sdxl_dir, jsonl_pairs, tmp_p
         assert any(r.get("val/uas") for r in rows), sorted(rows[-1])
 
 
-def test_scdpo_on_sdxl_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sdxl_dir, tmp_path):
+def scp_data(tmp_path: Path) -> list[str]:
+    """SCP-style data (CoProV2 harmful pairs, Pick-a-Pic clean pairs, the toy cost model) with the benign anchor."""
     from tests.data.test_readers import COPRO_ROWS, pickapic_table, write_coprov2
 
     (tmp_path / "copro").mkdir()
     copro = write_coprov2(tmp_path / "copro", COPRO_ROWS)
     pq.write_table(pickapic_table(), tmp_path / "pickapic.parquet")
-    out = tmp_path / "run"
-    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "objective=scdpo", "data=scp",
-                 f"data.reader.harmful.path={copro}", f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}",
-                 f"data.cost_model={ROOT / 'assets/toy/cost_model'}", "model.benign_anchor=10")
+    return ["objective=scdpo", "data=scp", f"data.reader.harmful.path={copro}",
+            f"data.reader.clean.path={tmp_path / 'pickapic.parquet'}", f"data.cost_model={ROOT / 'assets/toy/cost_model'}",
+            "model.benign_anchor=10"]
+
+
+def check_scdpo_run(result: subprocess.CompletedProcess, out: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metrics_rows(out) if r.get("train/loss")]
     assert len(rows) == 2 and any(r.get("train/safety_margin") for r in rows)
-    assert lora_written(out)
+    assert (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_spo_on_sdxl_with_dual_annotations(tiny_sdxl_dir, tmp_path):
+def dual_data(tmp_path: Path) -> list[str]:
+    """Four prompts with a faithful safe image and a worse unsafe one each, dual-annotated, for spo."""
     lines = []
     for i in range(4):
         for j, (color, quality, unsafe) in enumerate([((200, 20, 20), 0.9, 0.1), ((20, 20, 200), 0.4, 0.8)]):
@@ -79,22 +83,38 @@ def test_spo_on_sdxl_with_dual_annotations(tiny_sdxl_dir, tmp_path):
             lines.append(json.dumps({"prompt": f"a red circle {i}", "image": f"{i}_{j}.png", "quality": quality,
                                      "unsafe": unsafe, "categories": ["violence"]}))
     (tmp_path / "data" / "annotations.jsonl").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "run"
-    result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "objective=spo", "data=dual",
-                 f"data.path={tmp_path / 'data' / 'annotations.jsonl'}")
+    return ["objective=spo", "data=dual", f"data.path={tmp_path / 'data' / 'annotations.jsonl'}"]
+
+
+def check_spo_run(result: subprocess.CompletedProcess, out: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metrics_rows(out) if r.get("train/reward_margin")]
     assert rows and min(float(r["train/reward_margin"]) for r in rows) >= 0.1
-    assert lora_written(out)
+    assert (out / "lora" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def toy_scored_evaluation(tmp_path: Path) -> list[str]:
+    """evaluate.py overrides: two harmful and one benign prompt the toy scorers read, one image each at 32 px."""
+    (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")
+    (tmp_path / "benign.txt").write_text("a green circle on navy\n")
+    return ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
+            f"prompts.sets.benign.path={tmp_path / 'benign.txt'}", "images_per_prompt=1",
+            "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
+            f"cache_dir={tmp_path / 'eval_cache'}"]
+
+
+def test_scdpo_on_sdxl_with_coprov2_and_pickapic_files_and_a_cost_model(tiny_sdxl_dir, tmp_path):
+    out = tmp_path / "run"
+    check_scdpo_run(run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), *scp_data(tmp_path)), out)
+
+
+def test_spo_on_sdxl_with_dual_annotations(tiny_sdxl_dir, tmp_path):
+    out = tmp_path / "run"
+    check_spo_run(run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), *dual_data(tmp_path)), out)
 
 
 def test_safetydpo_experts_merge_and_evaluate_on_sdxl(tiny_sdxl_dir, jsonl_pairs, tmp_path):
-    (tmp_path / "harmful.txt").write_text("a red circle on black\na red square on gray\n")  # toy scorer
-    (tmp_path / "benign.txt").write_text("a green circle on navy\n")
-    evaluation = ["prompts=text", f"prompts.sets.harmful.path={tmp_path / 'harmful.txt'}",
-                  f"prompts.sets.benign.path={tmp_path / 'benign.txt'}", "images_per_prompt=1",
-                  "sampler.num_inference_steps=2", "sampler.height=32", "sampler.width=32",  # the toy scorer's size
-                  f"cache_dir={tmp_path / 'eval_cache'}"]
+    evaluation = toy_scored_evaluation(tmp_path)
     out = tmp_path / "safetydpo"
     result = run("train.py", out, *sdxl(tiny_sdxl_dir, tmp_path / "cache"), "task=experts", "objective=safetydpo",
                  "data=jsonl", f"data.path={jsonl_pairs}", "experts=[violence,hate]", "logger=none",
