@@ -229,9 +229,11 @@ def build_flow(out: Path, steps: int, seed: int) -> None:
     encoder.text_projection.load_state_dict(clip.text_projection.state_dict())
     encoder.requires_grad_(False).eval()
     tokenizer = CLIPTokenizer.from_pretrained(out / "sd" / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(out / "sd" / "vae")
+    vae.register_to_config(shift_factor=0.0)  # StableDiffusion3Pipeline decodes with (latents / scale) + shift
     torch.manual_seed(seed)
     components = Components(
-        unet=SD3Transformer2DModel(**FLOW_TRANSFORMER), vae=AutoencoderKL.from_pretrained(out / "sd" / "vae"),
+        unet=SD3Transformer2DModel(**FLOW_TRANSFORMER), vae=vae,
         text_encoder=encoder, tokenizer=tokenizer, text_encoder_2=copy.deepcopy(encoder), tokenizer_2=tokenizer,
         noise_scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
         source=str(staging), tokenizer_3=write_t5_tokenizer(staging / "t5", VOCABULARY, model_max_length=4),

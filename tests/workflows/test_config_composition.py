@@ -111,11 +111,13 @@ def test_compare_runs_each_objective_under_its_task():
                                           for p in (CONFIGS / "recipe").glob("*/*.yaml")))
 def test_every_recipe_applies_to_its_task_model_and_objective(recipe):
     task, _, rest = recipe.partition("/")
-    model, _, objective = rest.partition("_")
+    model, _, objective = rest.rpartition("_")  # model names may hold "_" (toy_flow), objective names do not
     cfg = composed(f"task={task}", f"model={model}", f"objective={objective}")
     assert cfg.hydra.runtime.choices.recipe == recipe
     if model == "toy":  # configs/recipe/toy.yaml under every toy recipe
         assert list(cfg.model.lora.target_modules) == ["attn2.to_k", "attn2.to_v"] and cfg.trainer.max_steps == 500
+    if model == "toy_flow":  # configs/recipe/toy_flow.yaml: the toy schedule, the MMDiT's text-stream keys and values
+        assert list(cfg.model.lora.target_modules) == ["add_k_proj", "add_v_proj"] and cfg.trainer.max_steps == 500
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
