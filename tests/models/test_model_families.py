@@ -51,7 +51,7 @@ def test_the_family_comes_from_model_index_or_the_config(tiny_pipeline_dir, tiny
     assert sdxl.text_encoder_2 is not None and sdxl.tokenizer_2 is not None
     assert not any(p.requires_grad for p in sdxl.text_encoder_2.parameters())
     with pytest.raises(InputError, match="model.family"):
-        family_for(str(tiny_sdxl_dir), "flux")
+        family_for(str(tiny_sdxl_dir), "sd9")
 
 
 def test_preprocessing_records_original_size_and_crop():

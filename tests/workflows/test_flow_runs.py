@@ -66,11 +66,13 @@ def test_sft_and_dpo(family, pipeline_dir, objective, extra, jsonl_pairs, tmp_pa
         assert any(r.get("val/uas") for r in rows), sorted(rows[-1])
 
 
+@pytest.mark.parametrize("family", ["sd3"], indirect=True)  # objectives see errors only: one flow family each
 def test_scdpo_with_coprov2_and_pickapic_files_and_a_cost_model(family, pipeline_dir, tmp_path):
     out = tmp_path / "run"
     check_scdpo_run(run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), *scp_data(tmp_path)), out)
 
 
+@pytest.mark.parametrize("family", ["flux"], indirect=True)
 def test_spo_with_dual_annotations(family, pipeline_dir, tmp_path):
     out = tmp_path / "run"
     check_spo_run(run("train.py", out, *flow(family, pipeline_dir, tmp_path / "cache"), *dual_data(tmp_path)), out)

@@ -142,7 +142,7 @@ TRAIN: list[HostileCase] = [HostileCase(*c) for c in [
     ("dual-delta-negative", fixed("objective=spo", "data.reader.delta=-0.5"), r"^data\.reader\.delta: expected a number >= 0"),
     ("data-resolution-odd", fixed("data.resolution=30"), r"^data\.resolution: expected a multiple of 8"),
     ("data-resolution-negative", fixed("data.resolution=-8"), r"^data\.resolution: expected an integer >= 8"),
-    ("model-family-unknown", fixed("model.family=sd9"), r"^model\.family: expected one of auto, sd, .*sdxl, got 'sd9'$"),
+    ("model-family-unknown", fixed("model.family=sd9"), r"^model\.family: expected one of auto, .*sdxl, got 'sd9'$"),
     ("model-resolution-odd", fixed("model.resolution=100"), r"^model\.resolution: expected a multiple of 8"),
     ("benign-anchor-negative", fixed("model.benign_anchor=-1"), r"^model\.benign_anchor: expected a number >= 0"),
     ("t-min-negative", fixed("model.t_min=-1"), r"^model\.t_min: expected an integer >= 0"),
@@ -227,7 +227,7 @@ EVAL: list[HostileCase] = [HostileCase(*c) for c in [
     ("eval-metrics-not-a-list", fixed("scoring.metrics=ip"), r"^scoring\.metrics: expected a list of aggregate metrics"),
     ("eval-nudenet-threshold", fixed("scoring=real", "scoring.detectors.0.threshold=1.5"), r"^scoring\.detectors\.0\.threshold: expected a number in \[0, 1\]"),
     ("eval-unknown-prompts", fixed("prompts=i2pp"), r"^unknown prompts 'i2pp'"),
-    ("eval-model-family-unknown", fixed("model.family=sd9"), r"^model\.family: expected one of auto, sd, .*sdxl, got 'sd9'$"),
+    ("eval-model-family-unknown", fixed("model.family=sd9"), r"^model\.family: expected one of auto, .*sdxl, got 'sd9'$"),
     ("eval-model-missing", fixed("model.pretrained=/nonexistent/sd"), r"^model\.pretrained=/nonexistent/sd: does not exist"),
 ]]
 
