@@ -131,9 +131,6 @@ def test_evaluate_py_names_a_lora_of_another_architecture_or_truncated_in_one_li
 
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_step=5", "unknown config key trainer.max_step (did you mean trainer.max_steps?)"),
-    pytest.param("objective.betta=5", "unknown config key objective.betta (did you mean objective.beta?)",
-                 marks=pytest.mark.slow),
-    pytest.param("objectiv=dpo", "unknown config key objectiv (did you mean objective?)", marks=pytest.mark.slow),
 ])
 def test_config_typo_is_one_line_with_a_suggestion(override, expected):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), override], cwd=ROOT, capture_output=True,
