@@ -104,6 +104,12 @@ DDPM_SD: dict[str, Any] = dict(
 )
 
 
+def clip_config(tokenizer, spec: dict[str, Any], **extra) -> CLIPTextConfig:
+    """A CLIP text config for ``spec`` whose vocabulary and special tokens are ``tokenizer``'s."""
+    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **spec, **extra)
+
+
 def build_components(
     directory: str | Path,
     unet: dict[str, Any] = TINY_UNET,
@@ -116,12 +122,10 @@ def build_components(
     """Random-weight components from configs; the tokenizer is written for ``words`` into ``directory``."""
     torch.manual_seed(seed)
     tokenizer = write_clip_tokenizer(Path(directory) / "tokenizer", words, model_max_length=text["max_position_embeddings"])
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
     return SDComponents(
         unet=UNet2DConditionModel(**{**unet, "cross_attention_dim": text["hidden_size"]}),
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=CLIPTextModel(clip_config(tokenizer, text)),
         tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler(**scheduler),
         source=str(directory),
@@ -153,29 +157,20 @@ def build_sdxl_components(
     tokenizer = write_clip_tokenizer(directory / "tokenizer", words, model_max_length=text["max_position_embeddings"])
     tokenizer_2 = write_clip_tokenizer(directory / "tokenizer_2", words, model_max_length=text_2["max_position_embeddings"])
 
-    def config(tok, spec, **extra) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id, **spec, **extra)
-
     time_ids = 6 * unet["addition_time_embed_dim"]
     return Components(
         unet=UNet2DConditionModel(**{**unet, "cross_attention_dim": text["hidden_size"] + text_2["hidden_size"],
                                      "projection_class_embeddings_input_dim": time_ids + projection_dim}),
         vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(config(tokenizer, text)),
+        text_encoder=CLIPTextModel(clip_config(tokenizer, text)),
         tokenizer=tokenizer,
         noise_scheduler=EulerDiscreteScheduler(**{k: v for k, v in DDPM_SD.items() if k != "clip_sample"},
                                                timestep_spacing="leading"),
         source=str(directory),
-        text_encoder_2=CLIPTextModelWithProjection(config(tokenizer_2, text_2, projection_dim=projection_dim)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer_2, text_2, projection_dim=projection_dim)),
         tokenizer_2=tokenizer_2,
         family=SDXL_FAMILY,
     )
-
-
-def clip_config(tokenizer, spec: dict[str, Any], **extra) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, **spec, **extra)
 
 
 def t5_model(tokenizer, spec: dict[str, Any]) -> T5EncoderModel:

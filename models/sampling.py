@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from common import dtypes
-from models.families.base import family_of_pipeline
+from models.families.base import SAMPLING_SCHEDULERS, family_of_pipeline
 
 # the names sampler.scheduler takes; each model family says which it samples with (flow matching: euler)
-SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULERS = SAMPLING_SCHEDULERS
 
 
 @dataclass(frozen=True)

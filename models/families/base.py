@@ -201,11 +201,10 @@ class ModelFamily(ABC):
 
     def sampling_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
         """The scheduler ``sampler.scheduler=name`` samples with, on the checkpoint's noise schedule ``config``."""
-        from_config = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
         if name not in self.sampling_schedulers:
             raise InputError(f"sampler.scheduler: the {self.name} family samples with one of "
                              f"{', '.join(self.sampling_schedulers)}, got {name!r}")
-        return from_config[name].from_config(config)
+        return SAMPLING_SCHEDULERS[name].from_config(config)
 
     def call_kwargs(self, pipe: Any) -> dict[str, Any]:
         """Arguments every sampling call of the family's pipeline passes (none by default)."""
@@ -221,6 +220,9 @@ class ModelFamily(ABC):
                             for s in seeds])
 
 
+#: the names ``sampler.scheduler`` takes and their diffusers classes; each family says which it samples with
+SAMPLING_SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
+                                        "euler": EulerDiscreteScheduler}
 #: every family by ``name``; each family module registers its own (``models/families/__init__.py`` imports them all)
 FAMILIES: dict[str, ModelFamily] = {}
 DEFAULT_FAMILY = "sd"

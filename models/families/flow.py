@@ -34,6 +34,8 @@ class FlowMatchingFamily(ModelFamily):
     """Families trained on the rectified flow: velocity targets, continuous noise levels."""
 
     denoiser_name = "transformer"
+    #: the text states and the pooled text embedding, passed as ``encoder_hidden_states`` and ``pooled_projections``
+    prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
     kohya_export = False  # kohya-ss names these models' layers by their original (non-diffusers) module paths
     sampling_schedulers = ("euler",)
 
@@ -83,6 +85,11 @@ class FlowMatchingFamily(ModelFamily):
         if scheme == "none":
             return None
         return compute_loss_weighting_for_sd3(scheme, t).float()
+
+    def conditioning(self, batch: Mapping[str, Any], sides: tuple[str, ...]) -> dict[str, Tensor]:
+        copies = len(sides)
+        return {"encoder_hidden_states": batch["prompt_embeds"].repeat(copies, 1, 1),
+                "pooled_projections": batch["pooled_prompt_embeds"].repeat(copies, 1)}
 
     def noisy_and_target(self, scheduler: Any, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         s = t.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))

@@ -29,7 +29,6 @@ class FluxFamily(FlowMatchingFamily):
     pipeline_classes = ("FluxPipeline",)
     pipeline_type = FluxPipeline
     denoiser_type = FluxTransformer2DModel
-    prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
 
     def __init__(self, guidance: float = OPTIONS["guidance"]) -> None:
         self.guidance = float(guidance)  # used only by transformers with guidance_embeds (dev)
@@ -83,11 +82,6 @@ class FluxFamily(FlowMatchingFamily):
         mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
         return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
 
-    def conditioning(self, batch: Mapping[str, Any], sides: tuple[str, ...]) -> dict[str, Tensor]:
-        copies = len(sides)
-        return {"encoder_hidden_states": batch["prompt_embeds"].repeat(copies, 1, 1),
-                "pooled_projections": batch["pooled_prompt_embeds"].repeat(copies, 1)}
-
     def predict(self, denoiser: Any, noisy: Tensor, t: Tensor, conditioning: Mapping[str, Tensor]) -> Tensor:
         """Pack the latents into 2 x 2 patches with their position ids, run the transformer at noise level ``t``
         (with the guidance value where it embeds one) and unpack the velocity."""
@@ -100,7 +94,7 @@ class FluxFamily(FlowMatchingFamily):
         out = denoiser(hidden_states=packed, timestep=t, guidance=guidance, encoder_hidden_states=text,
                        pooled_projections=conditioning["pooled_projections"], txt_ids=text_ids, img_ids=image_ids,
                        return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w).float()
+        return FluxPipeline._unpack_latents(out, h, w, vae_scale_factor=1).float()  # sizes already in latents
 
     def pipeline(self, components: Components, denoiser: Any, scheduler: Any) -> FluxPipeline:
         return FluxPipeline(scheduler=scheduler, vae=components.vae, text_encoder=components.text_encoder,

@@ -37,7 +37,6 @@ class SD3Family(FlowMatchingFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     pipeline_type = StableDiffusion3Pipeline
     denoiser_type = SD3Transformer2DModel
-    prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
 
     def load(self, pretrained: str, revision: str | None, variant: str | None, vae: str | None,
              local_files_only: bool, options: Mapping[str, Any] | None = None) -> Components:
@@ -82,11 +81,6 @@ class SD3Family(FlowMatchingFamily):
         t5 = t5_states(components.text_encoder_3, components.tokenizer_3, prompts, device, width)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5], dim=-2), "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
-
-    def conditioning(self, batch: Mapping[str, Any], sides: tuple[str, ...]) -> dict[str, Tensor]:
-        copies = len(sides)
-        return {"encoder_hidden_states": batch["prompt_embeds"].repeat(copies, 1, 1),
-                "pooled_projections": batch["pooled_prompt_embeds"].repeat(copies, 1)}
 
     def predict(self, denoiser: Any, noisy: Tensor, t: Tensor, conditioning: Mapping[str, Tensor]) -> Tensor:
         timestep = t * 1000.0  # the transformer embeds s x num_train_timesteps, as the pipeline's timesteps
