@@ -34,11 +34,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import itertools
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -438,13 +440,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = "reference" if opts is None else "ours" + (f" [{','.join(sorted(opts))}]" if opts else "")
         # the public recipe leaves cuDNN's default
         torch.backends.cudnn.benchmark = opts is not None and "cudnn_benchmark" in opts
-        runner = Reference(components, device, beta) if opts is None else \
-            (OursTrainer if "lightning" in opts else Ours)(components, device, beta, opts)
-        rows.append(measure(name, runner, batch, args.batch, args.steps, args.warmup, args.repeats))
-        print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s", file=sys.stderr, flush=True)
-        if args.profile:
-            print_profile(name, runner.step, batch, device, args.steps)
+        runner = None
+        try:  # a variant that fails (out of memory, a compile mode the step does not support) is a row, not the end
+            runner = Reference(components, device, beta) if opts is None else \
+                (OursTrainer if "lightning" in opts else Ours)(components, device, beta, opts)
+            rows.append(measure(name, runner, batch, args.batch, args.steps, args.warmup, args.repeats))
+        except Exception as error:  # noqa: BLE001 - reported in the table and on stderr
+            if opts is None:
+                raise
+            traceback.print_exc()
+            rows.append({"variant": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"})
+            print(f"failed {name}: {rows[-1]['error']}", file=sys.stderr, flush=True)
+        else:
+            print(f"measured {name}: {rows[-1]['median']:.2f} pairs/s, {rows[-1].get('peak_gib', 0):.1f} GiB, "
+                  f"{rows[-1]['tflops']:.3g} TFLOP/s", file=sys.stderr, flush=True)
+            if args.profile:
+                print_profile(name, runner.step, batch, device, args.steps)
         del runner
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -455,6 +468,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(header + "\n|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""))
     base = rows[0]["median"]
     for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | failed: {r['error']} |")
+            continue
         line = (f"| {r['variant']} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['median'] / base:.2f} | "
                 f"{r['gflop_step']:.1f} | {r['tflops']:.3g} |")
         if gpu:

@@ -106,3 +106,27 @@ def test_train_step_benchmark_runs_the_flow_path_on_a_tiny_sd3(capsys):
     assert all(r["median"] > 0 for r in rows) and rows[1]["gflop_step"] < rows[0]["gflop_step"]
     out = capsys.readouterr().out
     assert "model sd3-tiny" in out and "| euler |" in out
+
+
+def test_a_failing_variant_becomes_a_row_and_the_others_still_run(capsys, monkeypatch):
+    """On a GPU one variant may run out of memory or refuse a compile mode; the table names it and goes on."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_step
+
+    real_init = train_step.Ours.__init__
+
+    def init(self, components, device, beta, options):
+        if "channels_last" in options:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        real_init(self, components, device, beta, options)
+
+    monkeypatch.setattr(train_step.Ours, "__init__", init)
+    # the loop is under test, not the timing: each variant that builds gets a row without running steps
+    monkeypatch.setattr(train_step, "measure", lambda name, runner, *args: {
+        "variant": name, "median": 1.0, "min": 1.0, "max": 1.0, "gflop_step": 1.0, "tflops": 1.0})
+    rows = train_step.main(["--model", "toy", "--batch", "1", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                            "--also", "channels_last;bf16", "--sampling-steps", "0"])
+    assert [r["variant"] for r in rows] == ["reference", "ours", "ours [channels_last]", "ours [bf16]"]
+    assert rows[2]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows[3]["median"] > 0
+    assert "| ours [channels_last] | failed: RuntimeError: CUDA out of memory" in capsys.readouterr().out
