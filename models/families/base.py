@@ -249,6 +249,15 @@ def family_options(options: Mapping[str, Any] | None, known: Mapping[str, Any], 
     return {**known, **options}
 
 
+def freeze(*parts: torch.nn.Module | None) -> None:
+    """Frozen parts of a loaded model, in float32 as diffusers loads the denoiser and the VAE. transformers loads a
+    text encoder in its checkpoint's dtype (float16 for SD 3's and FLUX's), and a pipeline takes its latents' dtype
+    from the prompt embeddings; ``model.frozen_dtype`` lowers the precision afterwards, for every part alike."""
+    for part in parts:
+        if part is not None:
+            part.requires_grad_(False).eval().float()
+
+
 def repeat_cond(cond: Mapping[str, Tensor], copies: int) -> dict[str, Tensor]:
     """Each tensor of ``cond`` repeated ``copies`` times along the batch."""
     return {k: v.repeat(copies, *([1] * (v.ndim - 1))) for k, v in cond.items()}

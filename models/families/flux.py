@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from common.errors import InputError
-from models.families.base import Components, family_options, register
+from models.families.base import Components, family_options, freeze, register
 from models.families.flow import FlowMatchingFamily
 from models.families.sd import load_vae, token_ids
 from models.families.sd3 import t5_states
@@ -52,8 +52,7 @@ class FluxFamily(FlowMatchingFamily):
         except (OSError, ValueError) as err:
             raise load_error("model.pretrained", pretrained, err, local_files_only) from None
         t5_tokenizer.model_max_length = int(opts["max_sequence_length"])
-        for part in (vae_model, clip, t5):
-            part.requires_grad_(False).eval()
+        freeze(vae_model, clip, t5)
         return Components(transformer, vae_model, clip, tokenizer, scheduler, source=pretrained, text_encoder_2=t5,
                           tokenizer_2=t5_tokenizer, family=type(self)(guidance=opts["guidance"]))
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.errors import InputError
-from models.families.base import Components, ModelFamily, family_options, register
+from models.families.base import Components, ModelFamily, family_options, freeze, register
 from models.hub import load_error
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -63,8 +63,7 @@ class SDFamily(NoisePredictionFamily):
             scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
         except (OSError, ValueError) as err:
             raise load_error("model.pretrained", pretrained, err, local_files_only) from None
-        for part in (vae_model, text_encoder):
-            part.requires_grad_(False).eval()
+        freeze(vae_model, text_encoder)
         return Components(unet, vae_model, text_encoder, tokenizer, scheduler, source=pretrained, family=self)
 
     def encode_prompts(self, components: Components, prompts: list[str], device: torch.device) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from models.families.base import Components, family_options, register
+from models.families.base import Components, family_options, freeze, register
 from models.families.flow import FlowMatchingFamily
 from models.families.sd import load_vae, token_ids
 from models.hub import load_error
@@ -57,9 +57,7 @@ class SD3Family(FlowMatchingFamily):
         except (OSError, ValueError) as err:
             raise load_error("model.pretrained", pretrained, err, local_files_only) from None
         t5_tokenizer.model_max_length = int(opts["max_sequence_length"])  # the T5 tokens trained and sampled with
-        for part in (vae_model, *encoders, t5):
-            if part is not None:
-                part.requires_grad_(False).eval()
+        freeze(vae_model, *encoders, t5)
         return Components(transformer, vae_model, encoders[0], tokenizers[0], scheduler, source=pretrained,
                           text_encoder_2=encoders[1], tokenizer_2=tokenizers[1], family=self,
                           text_encoder_3=t5, tokenizer_3=t5_tokenizer)

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionM
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from models.families.base import Components, ImageGeometry, family_options, register
+from models.families.base import Components, ImageGeometry, family_options, freeze, register
 from models.families.sd import NoisePredictionFamily, load_vae, token_ids
 from models.hub import load_error
 
@@ -45,8 +45,7 @@ class SDXLFamily(NoisePredictionFamily):
             scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common)
         except (OSError, ValueError) as err:
             raise load_error("model.pretrained", pretrained, err, local_files_only) from None
-        for part in (vae_model, text_encoder, text_encoder_2):
-            part.requires_grad_(False).eval()
+        freeze(vae_model, text_encoder, text_encoder_2)
         return Components(unet, vae_model, text_encoder, tokenizer, scheduler, source=pretrained,
                           text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, family=self)
 

@@ -185,3 +185,29 @@ def test_lora_export_loads_in_the_familys_pipeline_as_the_trained_transformer(na
     torch.testing.assert_close(outputs[file], trained, rtol=0, atol=1e-5)
     assert (outputs[file] - outputs[None]).abs().max() > 1e-2
     assert (images[file] - images[None]).abs().max() > 1e-3
+
+
+def test_float16_checkpoint_parts_load_in_float32_and_sample(tiny_sd3_dir, tmp_path):
+    """SD 3's and FLUX's published text encoders are stored in float16, which transformers keeps; next to
+    diffusers' float32 transformer the pipeline would then make float16 latents. Every part loads in float32."""
+    import shutil
+
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from models.components import load_components
+    from models.sampling import SamplerSettings, generate
+
+    directory = tmp_path / "fp16"
+    shutil.copytree(tiny_sd3_dir, directory)
+    for name, cls in (("text_encoder", CLIPTextModelWithProjection), ("text_encoder_2", CLIPTextModelWithProjection),
+                      ("text_encoder_3", T5EncoderModel)):
+        cls.from_pretrained(tiny_sd3_dir / name).half().save_pretrained(directory / name)
+    assert CLIPTextModelWithProjection.from_pretrained(directory / "text_encoder").dtype == torch.float16
+    components = load_components(str(directory))
+    assert {part.dtype for part in (components.text_encoder, components.text_encoder_2, components.text_encoder_3,
+                                    components.unet, components.vae)} == {torch.float32}
+    pipe = components.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, ["a red circle"], [0], SamplerSettings(scheduler="euler", num_inference_steps=2,
+                                                                   height=32, width=32), progress=False)
+    assert images.shape[0] == 1 and torch.isfinite(torch.as_tensor(images)).all()
