@@ -159,6 +159,11 @@ def install(base: Path, run_dir: Path, denoiser: str, final: Path) -> Path:
     return final
 
 
+def store_half(directory: Path, model_type) -> None:
+    """Rewrites the diffusers model folder ``directory`` with float16 weights."""
+    model_type.from_pretrained(directory).half().save_pretrained(directory, safe_serialization=True)
+
+
 def build(out: Path, clip_steps: int, vae_steps: int, unet_steps: int, seed: int, reuse: bool = False) -> None:
     """Run every stage; with ``reuse``, keep a CLIP and VAE already built in ``out`` and redo the UNet."""
     start = time.time()
@@ -246,6 +251,9 @@ def build_flow(out: Path, steps: int, seed: int) -> None:
            f"hydra.run.dir={run_dir}"]
     log.info("pretraining the transformer: %s", " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True)
+    # stored in float16 (half the bytes; diffusers loads them in float32), the text encoders stay float32
+    store_half(run_dir / "transformer", SD3Transformer2DModel)
+    store_half(staging / "base" / "vae", AutoencoderKL)
     final = install(staging / "base", run_dir, "transformer", out / "flow")
     shutil.rmtree(staging, ignore_errors=True)
     log.info("toy flow pipeline written to %s in %.1f min", final, (time.time() - start) / 60)

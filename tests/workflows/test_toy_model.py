@@ -35,9 +35,12 @@ def pipe():
     return pipe
 
 
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def test_shipped_pipeline_is_small_and_standard():
-    size = sum(f.stat().st_size for f in (ROOT / "assets" / "toy").rglob("*") if f.is_file())
-    assert size <= 30 * 2**20
+    assert directory_size(TOY_SD) <= 30 * 2**20
     index = json.loads((TOY_SD / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(index)
