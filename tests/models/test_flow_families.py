@@ -211,3 +211,31 @@ def test_float16_checkpoint_parts_load_in_float32_and_sample(tiny_sd3_dir, tmp_p
     images = generate(pipe, ["a red circle"], [0], SamplerSettings(scheduler="euler", num_inference_steps=2,
                                                                    height=32, width=32), progress=False)
     assert images.shape[0] == 1 and torch.isfinite(torch.as_tensor(images)).all()
+
+
+def test_flux_schnell_style_model_without_guidance_embedding_predicts_and_samples(tmp_path):
+    """FLUX schnell has no guidance embedding: the prediction passes none (family_options.guidance is unused) and
+    the family's pipeline samples with it."""
+    from diffusers import FluxPipeline
+
+    from models.builders import build_flux_components
+    from models.families.flux import FLUX_FAMILY
+    from models.sampling import SamplerSettings, generate
+
+    c = build_flux_components(tmp_path / "build", guidance_embeds=False, words=WORDS)
+    assert not c.unet.config.guidance_embeds
+    with torch.no_grad():
+        encoded = FLUX_FAMILY.encode_prompts(c, ["a red circle", "a blue square"], torch.device("cpu"))
+        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
+        ours = FLUX_FAMILY.predict(c.unet, x, t, FLUX_FAMILY.conditioning(encoded, ("w",)))
+        theirs = c.unet(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 8, 8), timestep=t, guidance=None,
+                        encoder_hidden_states=encoded["prompt_embeds"], pooled_projections=encoded["pooled_prompt_embeds"],
+                        txt_ids=torch.zeros(encoded["prompt_embeds"].shape[1], 3),
+                        img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype)).sample
+    torch.testing.assert_close(ours, FluxPipeline._unpack_latents(theirs, 64, 64, 8), rtol=0, atol=1e-6)
+    pipe = c.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    images = generate(pipe, ["a red circle"], [0], SamplerSettings(scheduler="euler", num_inference_steps=2,
+                                                                   guidance_scale=0.0, height=64, width=64),
+                      progress=False)
+    assert images.shape[-2:] == (64, 64) and torch.isfinite(images).all()
