@@ -128,5 +128,6 @@ def test_every_experiment_composes(experiment):
 
 def test_the_gpu_experiment_uses_the_benchmarks_fastest_settings():
     cfg = composed("experiment=dpo_pickapic_sd15")
-    assert (cfg.model.frozen_dtype, cfg.model.channels_last, cfg.model.compile) == ("bfloat16", True, True)
+    # compile stays off: its gradients do not match the plain step's (tests/models/test_speed_options.py)
+    assert (cfg.model.frozen_dtype, cfg.model.channels_last, cfg.model.compile) == ("bfloat16", True, False)
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.benchmark
